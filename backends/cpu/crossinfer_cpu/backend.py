@@ -1,0 +1,93 @@
+"""CpuBackend: the reference implementation of the Backend contract."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from crossinfer.backend import (
+    AttentionBatch,
+    Backend,
+    Capabilities,
+    Communicator,
+    KVCacheSpec,
+    MemoryInfo,
+    Probe,
+)
+from crossinfer.distributed.communicator import TorchDistributedCommunicator
+from crossinfer_cpu import attention
+
+
+def _read_meminfo() -> dict[str, int]:
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                fields[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return fields
+
+
+class CpuBackend(Backend):
+    """Plain PyTorch on the host CPU; always available."""
+
+    name = "cpu"
+
+    def probe(self) -> Probe:
+        cpu = platform.processor() or platform.machine() or "cpu"
+        return Probe(available=True, devices=(f"{cpu} ({os.cpu_count()} cores)",))
+
+    def capabilities(self) -> Capabilities:
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        return Capabilities(
+            dtypes=dtypes,
+            kv_cache_dtypes=dtypes,
+            block_sizes=(1, 8, 16, 32, 64, 128),
+            head_sizes=(32, 64, 80, 96, 128, 256),
+            prefix_caching=True,
+            graph_capture=False,
+            distributed_backend="gloo",
+        )
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def memory_info(self) -> MemoryInfo:
+        info = _read_meminfo()
+        if "MemTotal" in info:
+            return MemoryInfo(info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0)))
+        page = os.sysconf("SC_PAGE_SIZE")
+        return MemoryInfo(page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES"))
+
+    def allocate_kv_cache(self, spec: KVCacheSpec, num_blocks: int) -> list[torch.Tensor]:
+        shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+        return [torch.zeros(shape, dtype=spec.dtype) for _ in range(spec.num_layers)]
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
+        attention.copy_blocks(kv_caches, src_to_dst)
+
+    def read_kv(
+        self, kv_cache: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention.read_kv(kv_cache, slots)
+
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        attention.write_kv(key, value, kv_cache, slot_mapping)
+
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
+    ) -> torch.Tensor:
+        return attention.paged_attention(query, kv_cache, batch, scale)
+
+    def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
+        return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")

@@ -1,0 +1,1 @@
+"""Conformance suite: checks every backend against the CPU reference."""

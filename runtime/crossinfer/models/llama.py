@@ -1,0 +1,249 @@
+"""The Llama family (Llama, Mistral, Qwen2, SmolLM): one plain model over a ragged batch.
+
+Tokens of all sequences in a step are packed into one ``[num_tokens]`` batch; attention is the
+backend's paged attention, everything else is plain PyTorch. Projections that read the same
+input are fused (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) so a step runs two
+matrix multiplies fewer per layer; ``load_weights`` maps checkpoint names onto the fused ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from crossinfer.backend import AttentionBatch, Backend
+from crossinfer.layers.norm import RMSNorm
+from crossinfer.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """The numbers the model is built from, read once from the HF config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> LlamaArgs:
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        is_qwen2 = config.model_type == "qwen2"
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported; the Llama family uses 'silu'")
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        )
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, backend: Backend, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.backend = backend
+        self.rotary = rotary
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.scale = args.head_dim**-0.5
+        q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        self.backend.write_kv(k, v, kv_cache, batch.slot_mapping)
+        out = self.backend.attention(q, kv_cache, batch, self.scale)
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.intermediate_size = args.intermediate_size
+        self.gate_up_proj = nn.Linear(
+            args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias
+        )
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, backend: Backend, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args, backend, rotary)
+        self.mlp = LlamaMLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, batch)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+# checkpoint suffix -> (fused parameter suffix, shard index)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM whose attention runs on a crossinfer backend."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        backend: Backend,
+        dtype: torch.dtype,
+        max_positions: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.args = args = LlamaArgs.from_config(config)
+        self.dtype = dtype
+        rotary = RotaryEmbedding(
+            config,
+            args.head_dim,
+            max_positions or args.max_position_embeddings,
+            dtype,
+            backend.device(),
+        )
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(args, backend, rotary) for _ in range(args.num_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden]."""
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, batch)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_rows, hidden] -> [num_rows, vocab] in fp32."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into the parameters; every parameter must be set."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (
+                name.startswith("lm_head") and self.args.tie_word_embeddings
+            ):
+                continue
+            target, shard = self._map_name(name)
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
+            param = params[target]
+            view = self._shard_view(param, target, shard) if shard is not None else param
+            if view.shape != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(view.shape)}"
+                )
+            with torch.no_grad():
+                view.copy_(tensor)
+            loaded.add(f"{target}#{shard}" if shard is not None else target)
+        self._check_all_loaded(params, loaded)
+
+    @staticmethod
+    def _map_name(name: str) -> tuple[str, int | None]:
+        name = name.removeprefix("model.")
+        for suffix, (fused, shard) in _FUSED.items():
+            marker = f".{suffix}."
+            if marker in name:
+                return name.replace(marker, f".{fused}."), shard
+        return name, None
+
+    def _shard_view(self, param: torch.Tensor, target: str, shard: int) -> torch.Tensor:
+        if ".qkv_proj." in target:
+            a = self.args
+            sizes = [
+                a.num_heads * a.head_dim,
+                a.num_kv_heads * a.head_dim,
+                a.num_kv_heads * a.head_dim,
+            ]
+        else:
+            sizes = [self.args.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        return param.narrow(0, start, sizes[shard])
+
+    def _check_all_loaded(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+        missing = []
+        for name in params:
+            if name.startswith("lm_head") and self.args.tie_word_embeddings:
+                continue
+            shards = 3 if ".qkv_proj." in name else 2 if ".gate_up_proj." in name else 0
+            wanted = [f"{name}#{i}" for i in range(shards)] if shards else [name]
+            missing += [w for w in wanted if w not in loaded]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"the checkpoint is missing {len(missing)} tensors: {shown}")
