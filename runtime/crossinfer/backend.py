@@ -65,6 +65,9 @@ class Capabilities:
     """True when the kernels run on a stand-in (an interpreter on the CPU), not the hardware."""
     default_block_size: int = 16
     """The block size the engine picks when the user does not choose one."""
+    default_kv_cache_bytes: int | None = None
+    """KV-cache budget when the user sets neither a size nor a memory fraction. None means a
+    fraction (0.9) of device memory; a backend on shared host memory names a fixed size."""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class CpuBackend(Backend):
             prefix_caching=True,
             graph_capture=False,
             distributed_backend="gloo",
+            # Host memory is shared with everything else on the machine.
+            default_kv_cache_bytes=4 << 30,
         )
 
     def device(self) -> torch.device:

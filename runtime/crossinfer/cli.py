@@ -1,0 +1,83 @@
+"""The ``crossinfer`` command: a small dispatcher over subcommands.
+
+Each subcommand has one ``_add_<name>(sub)`` function that builds its parser and sets
+``run`` to a function taking the parsed arguments and returning the exit status. Commands
+whose logic is more than a few lines keep it in their own module and import it inside their
+``run`` function, so ``crossinfer backends`` does not pay for the engine or the server.
+
+Commands that run a model take ``--device`` through :func:`add_device_argument` and call
+:func:`crossinfer.registry.resolve_device` before loading anything; a
+:class:`~crossinfer.registry.DeviceError` becomes a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from crossinfer.backends_table import format_json, format_table
+from crossinfer.registry import AUTO_ORDER, DeviceError, discover
+
+# What ArgumentParser.add_subparsers returns (argparse gives it no public name); each _add_*
+# function registers one command on it.
+Subparsers = argparse._SubParsersAction
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--device`` (default ``auto``) to a subcommand's parser."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="NAME",
+        help=(
+            "backend to run on: auto (the first available of "
+            f"{', '.join(AUTO_ORDER)}, then other installed backends by priority) "
+            "or a name listed by `crossinfer backends` (default: auto)"
+        ),
+    )
+
+
+def _add_backends(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "backends",
+        help="list installed backends and whether each can run here",
+        description="List every backend registered in the crossinfer.backends entry-point "
+        "group, with its package, version, contract api, availability and devices.",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    parser.set_defaults(run=_run_backends)
+
+
+def _run_backends(args: argparse.Namespace) -> int:
+    infos = discover()
+    print(format_json(infos) if args.json else format_table(infos))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="crossinfer", description="LLM inference on any accelerator."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_backends(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: parse ``argv`` (default ``sys.argv[1:]``), run, exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        status: int = args.run(args)
+    except DeviceError as exc:
+        print(f"crossinfer: error: {exc}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
