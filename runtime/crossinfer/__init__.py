@@ -1,7 +1,32 @@
-"""crossinfer: an LLM inference runtime with pluggable hardware backends."""
+"""crossinfer: an LLM inference runtime with pluggable hardware backends.
+
+``from crossinfer import LLM, SamplingParams`` is the offline API. The heavy parts (models,
+transformers) are imported on first use, so ``import crossinfer`` stays cheap for tools
+that only need the Backend contract.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from crossinfer.backend import CONTRACT_VERSION
 
+if TYPE_CHECKING:
+    from crossinfer.llm import LLM
+    from crossinfer.sampling_params import SamplingParams
+
 __version__ = "0.1.0"
 
-__all__ = ["CONTRACT_VERSION", "__version__"]
+__all__ = ["CONTRACT_VERSION", "LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM":
+        from crossinfer.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from crossinfer.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'crossinfer' has no attribute {name!r}")

@@ -54,6 +54,44 @@ def _run_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    from crossinfer.commands.generate import add_sampling_arguments
+    from crossinfer.engine_args import add_engine_arguments
+
+    parser = sub.add_parser("generate", help="generate text for prompts, offline")
+    add_device_argument(parser)
+    add_engine_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from crossinfer.commands.generate import run
+
+    return run(args)
+
+
+def _add_bench(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    from crossinfer.commands import bench_args
+    from crossinfer.engine_args import add_engine_arguments
+
+    parser = sub.add_parser("bench", help="benchmarks")
+    kinds = parser.add_subparsers(dest="bench", metavar="KIND", required=True)
+    throughput = kinds.add_parser(
+        "throughput", help="offline throughput against transformers, in one run"
+    )
+    add_device_argument(throughput)
+    add_engine_arguments(throughput)
+    bench_args.add_throughput_arguments(throughput)
+    throughput.set_defaults(run=_run_bench_throughput)
+
+
+def _run_bench_throughput(args: argparse.Namespace) -> int:
+    from crossinfer.commands.bench_throughput import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -61,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_backends(sub)
+    _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -73,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         status: int = args.run(args)
-    except DeviceError as exc:
+    except (DeviceError, ValueError) as exc:
         print(f"crossinfer: error: {exc}", file=sys.stderr)
         return 2
     return status

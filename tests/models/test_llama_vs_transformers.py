@@ -94,3 +94,27 @@ def test_missing_tensor_is_named() -> None:
     model = build_model(config, CpuBackend(), torch.float32)
     with pytest.raises(ValueError, match=r"missing 1 tensors: layers\.1\.self_attn\.qkv_proj"):
         model.load_weights(state.items())
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_transformers_reading_the_same_file(smollm2_loaded) -> None:
+    """Both read the packaged GGUF: transformers with its own GGUF reader, we with ours."""
+    import os
+
+    from crossinfer.loader import default_model_path
+
+    path = default_model_path()
+    reference = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    model, backend = smollm2_loaded.model, smollm2_loaded.backend
+    gen = torch.Generator().manual_seed(2)
+    sequences = {
+        s: torch.randint(0, 49152, (n,), generator=gen).tolist() for s, n in SEQ_LENS.items()
+    }
+    ours = run_steps(model, backend, sequences, STEPS, block_size=16)
+    with torch.inference_mode():
+        for seq, ids in sequences.items():
+            expected = reference(torch.tensor([ids])).logits[0]
+            actual = torch.stack([ours[(seq, p)] for p in range(len(ids))])
+            assert relative_error(actual, expected) < 1e-4, (seq, relative_error(actual, expected))

@@ -5,10 +5,17 @@ values). Attention gathers each sequence's blocks into a padded dense tensor and
 ``scaled_dot_product_attention`` with a causal mask built from positions. Decode rows (one query
 token) and prefill rows are batched separately, so a batch of many decodes and one long prefill
 does not pad every decode to the prefill's length.
+
+Grouped-query attention folds the query heads that share a KV head into the query length
+(``[seqs, kv_heads, group * q_len, dim]``), so keys and values are never repeated in memory.
+
+Everything that depends only on the batch (which rows go where, the masks) is an
+:class:`AttentionPlan`, built once per step and reused by every layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -38,55 +45,82 @@ def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None
         kv_cache[:, dst] = kv_cache[:, src]
 
 
-def paged_attention(
-    query: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
-) -> torch.Tensor:
-    out = torch.empty_like(query)
+@dataclass(frozen=True)
+class _Group:
+    """Sequences attended together, padded to their longest query and context."""
+
+    block_table: torch.Tensor  # [seqs, blocks] int64
+    rows: torch.Tensor  # [seqs, max_query] query row of each (seq, offset); 0 where padded
+    valid: torch.Tensor  # [seqs, max_query] bool: offset < the sequence's query length
+    flat_rows: torch.Tensor  # rows[valid]
+    mask: torch.Tensor | None  # [seqs, 1, max_query, ctx] bool, True = may attend
+    max_query: int
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    groups: tuple[_Group, ...]
+
+
+def plan(batch: AttentionBatch, block_size: int) -> AttentionPlan:
+    """Split the batch into a decode group and a prefill group and precompute their indices."""
     starts = [0, *accumulate(batch.query_lens_cpu)]
     decodes = [i for i, n in enumerate(batch.query_lens_cpu) if n == 1]
     prefills = [i for i, n in enumerate(batch.query_lens_cpu) if n > 1]
-    for group in (decodes, prefills):
-        if group:
-            _attend(query, kv_cache, batch, group, starts, scale, out)
-    return out
+    groups = tuple(_group(batch, seqs, starts, block_size) for seqs in (decodes, prefills) if seqs)
+    return AttentionPlan(groups)
 
 
-def _attend(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    batch: AttentionBatch,
-    seqs: list[int],
-    starts: list[int],
-    scale: float,
-    out: torch.Tensor,
-) -> None:
-    """Attention for the sequences ``seqs``, padded to their longest query and context."""
-    device = query.device
-    block_size = kv_cache.shape[2]
+def _group(batch: AttentionBatch, seqs: list[int], starts: list[int], block_size: int) -> _Group:
+    device = batch.seq_lens.device
     query_lens = [batch.query_lens_cpu[i] for i in seqs]
     seq_lens = [batch.seq_lens_cpu[i] for i in seqs]
     max_query = max(query_lens)
     num_blocks = -(-max(seq_lens) // block_size)
-
     seq_index = torch.tensor(seqs, device=device)
     block_table = batch.block_table[seq_index, :num_blocks].long()
-    # [num_seqs, num_kv_heads, context, head_size]
-    keys = kv_cache[0][block_table].flatten(1, 2).transpose(1, 2)
-    values = kv_cache[1][block_table].flatten(1, 2).transpose(1, 2)
 
     offsets = torch.arange(max_query, device=device)
     q_len = torch.tensor(query_lens, device=device)
+    valid = offsets < q_len[:, None]
     rows = torch.tensor([starts[i] for i in seqs], device=device)[:, None] + offsets
-    valid = offsets < q_len[:, None]  # [num_seqs, max_query]
     rows = torch.where(valid, rows, 0)
-    # [num_seqs, num_heads, max_query, head_size]
-    q = query[rows].transpose(1, 2)
 
     q_pos = (torch.tensor(seq_lens, device=device) - q_len)[:, None] + offsets
-    k_pos = torch.arange(keys.shape[2], device=device)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [num_seqs, 1, max_query, ctx]
+    k_pos = torch.arange(num_blocks * block_size, device=device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None]
+    return _Group(block_table, rows, valid, rows[valid], mask, max_query)
 
-    o = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1]
-    )
-    out[rows[valid]] = o.transpose(1, 2)[valid]
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    attention_plan: AttentionPlan,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(query)
+    for group in attention_plan.groups:
+        _attend(query, kv_cache, group, scale, out)
+    return out
+
+
+def _attend(
+    query: torch.Tensor, kv_cache: torch.Tensor, group: _Group, scale: float, out: torch.Tensor
+) -> None:
+    num_seqs, max_query = group.rows.shape
+    num_heads, head_size = query.shape[1:]
+    num_kv_heads = kv_cache.shape[3]
+    per_kv = num_heads // num_kv_heads
+    # [seqs, kv_heads, ctx, dim]
+    keys = kv_cache[0][group.block_table].flatten(1, 2).transpose(1, 2)
+    values = kv_cache[1][group.block_table].flatten(1, 2).transpose(1, 2)
+    # [seqs, max_query, heads, dim] -> [seqs, kv_heads, per_kv * max_query, dim]
+    q = query[group.rows].view(num_seqs, max_query, num_kv_heads, per_kv, head_size)
+    q = q.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, per_kv * max_query, head_size)
+    mask = group.mask
+    if mask is not None and per_kv > 1:
+        mask = mask.repeat(1, 1, per_kv, 1)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    # back to [seqs, max_query, heads, dim]
+    o = o.view(num_seqs, num_kv_heads, per_kv, max_query, head_size).permute(0, 3, 1, 2, 4)
+    out[group.flat_rows] = o.reshape(num_seqs, max_query, num_heads, head_size)[group.valid]

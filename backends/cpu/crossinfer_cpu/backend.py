@@ -37,6 +37,11 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
+    def __init__(self) -> None:
+        # The attention plan of the latest batch: every layer of a step passes the same
+        # (frozen) batch, so the indices and masks are built once per step.
+        self._planned: tuple[AttentionBatch, attention.AttentionPlan] | None = None
+
     def probe(self) -> Probe:
         cpu = platform.processor() or platform.machine() or "cpu"
         return Probe(available=True, devices=(f"{cpu} ({os.cpu_count()} cores)",))
@@ -89,7 +94,9 @@ class CpuBackend(Backend):
     def attention(
         self, query: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
     ) -> torch.Tensor:
-        return attention.paged_attention(query, kv_cache, batch, scale)
+        if self._planned is None or self._planned[0] is not batch:
+            self._planned = (batch, attention.plan(batch, kv_cache.shape[2]))
+        return attention.paged_attention(query, kv_cache, self._planned[1], scale)
 
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")

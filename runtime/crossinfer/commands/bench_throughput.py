@@ -1,0 +1,174 @@
+"""``crossinfer bench throughput``: offline throughput of the engine against transformers,
+measured in the same run on the same prompts and weights.
+
+Workload: ``num_prompts`` prompts of exactly ``input_len`` random token ids (seeded), greedy,
+``output_len`` tokens each with EOS ignored. Baselines: transformers' ``generate`` on the same
+weights as one static batch (all prompts have the same length, so no padding) and one request
+at a time (on the first ``single_prompts`` prompts). The compute floor is the workload's
+matrix-multiply FLOPs divided by this machine's measured matmul rate in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from crossinfer.engine.setup import EngineConfig, LoadedModel, load_model
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    num_requests: int
+    output_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def run(args: argparse.Namespace) -> int:
+    from crossinfer.engine_args import engine_config_from_args
+
+    config = engine_config_from_args(args)
+    loaded = load_model(config)
+    prompts = _prompts(loaded, args.num_prompts, args.input_len, args.seed)
+    figures = [_bench_engine(loaded, config, prompts, args.output_len)]
+    if not args.no_baselines:
+        reference = _transformers_model(loaded)
+        figures.append(_bench_hf_static(reference, prompts, args.output_len))
+        figures.append(_bench_hf_single(reference, prompts[: args.single_prompts], args.output_len))
+    rate = _matmul_rate(loaded.dtype)
+    floor = _floor_tokens_per_s(loaded, args.num_prompts, args.input_len, args.output_len, rate)
+    report = _report(loaded, args, figures, rate, floor)
+    print(report)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            payload = {
+                "settings": vars(args) | {"run": None},
+                "figures": [asdict(f) | {"tokens_per_s": f.tokens_per_s} for f in figures],
+                "matmul_gflops": rate / 1e9,
+                "floor_tokens_per_s": floor,
+            }
+            json.dump(payload, f, indent=2, default=str)
+    return 0
+
+
+def _prompts(loaded: LoadedModel, num: int, length: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = loaded.model.args.vocab_size
+    special = set(loaded.tokenizer.all_special_ids)
+    ids = torch.randint(0, vocab, (num, length), generator=gen)
+    # Replace special tokens so no prompt carries an end-of-text marker.
+    return [[t if t not in special else (t + 100) % vocab for t in row] for row in ids.tolist()]
+
+
+def _bench_engine(
+    loaded: LoadedModel, config: EngineConfig, prompts: list[list[int]], output_len: int
+) -> Figure:
+    from crossinfer.llm import LLM
+    from crossinfer.sampling_params import SamplingParams
+
+    llm = LLM(loaded=loaded, **asdict(config))
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return Figure("crossinfer (continuous batching)", len(prompts), produced, seconds)
+
+
+def _transformers_model(loaded: LoadedModel) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    files = loaded.model_files
+    model = AutoModelForCausalLM.from_config(files.config, dtype=loaded.dtype)
+    model.load_state_dict(dict(files.iter_weights()), strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def _hf_generate(model: torch.nn.Module, ids: torch.Tensor, output_len: int) -> int:
+    with torch.inference_mode():
+        out = model.generate(  # type: ignore[operator]
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return int(out[:, ids.shape[1] :].numel())
+
+
+def _bench_hf_static(model: torch.nn.Module, prompts: list[list[int]], output_len: int) -> Figure:
+    _hf_generate(model, torch.tensor(prompts[:2]), 4)  # warm-up
+    start = time.perf_counter()
+    produced = _hf_generate(model, torch.tensor(prompts), output_len)
+    return Figure("transformers static batch", len(prompts), produced, time.perf_counter() - start)
+
+
+def _bench_hf_single(model: torch.nn.Module, prompts: list[list[int]], output_len: int) -> Figure:
+    start = time.perf_counter()
+    produced = sum(_hf_generate(model, torch.tensor([p]), output_len) for p in prompts)
+    seconds = time.perf_counter() - start
+    return Figure("transformers one request at a time", len(prompts), produced, seconds)
+
+
+def _matmul_rate(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of a square matmul in ``dtype`` on the CPU, best of a few timed runs."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _floor_tokens_per_s(
+    loaded: LoadedModel, num: int, input_len: int, output_len: int, rate: float
+) -> float:
+    """Output tokens/s if every matmul FLOP of the workload ran at the measured rate."""
+    a = loaded.model.args
+    per_layer = a.hidden_size * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+    per_layer += a.num_heads * a.head_dim * a.hidden_size + 3 * a.hidden_size * a.intermediate_size
+    computed = input_len + output_len - 1  # the last sampled token is never fed back
+    flops = 2 * a.num_layers * per_layer * computed * num
+    flops += 2 * a.hidden_size * a.vocab_size * output_len * num  # logits of sampled tokens
+    context = computed * (computed + 1) // 2  # keys each token attends to, summed
+    flops += 4 * a.num_layers * a.num_heads * a.head_dim * context * num
+    return num * output_len / (flops / rate)
+
+
+def _report(
+    loaded: LoadedModel, args: argparse.Namespace, figures: list[Figure], rate: float, floor: float
+) -> str:
+    ours = figures[0].tokens_per_s
+    lines = [
+        f"model {loaded.model_files.path} | backend {loaded.backend.name} | "
+        f"dtype {str(loaded.dtype).removeprefix('torch.')} | threads {torch.get_num_threads()}",
+        f"{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy",
+        "",
+        "| run | requests | output tokens | seconds | output tok/s | crossinfer / this |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        lines.append(
+            f"| {f.name} | {f.num_requests} | {f.output_tokens} | {f.seconds:.2f} | "
+            f"{f.tokens_per_s:.1f} | {ours / f.tokens_per_s:.2f}x |"
+        )
+    lines += [
+        "",
+        f"matmul rate {rate / 1e9:.1f} GFLOP/s -> compute floor {floor:.1f} output tok/s; "
+        f"crossinfer reaches {ours / floor:.2f} of it",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""What the engine returns: per-request outputs after each step and at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from crossinfer.engine.sampler import SampledToken
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    """One of a request's ``n`` samples, as of the latest step."""
+
+    index: int
+    text: str
+    """All text so far (cut at a stop string)."""
+    token_ids: tuple[int, ...]
+    """All generated token ids so far."""
+    delta: str
+    """Text added by the latest step (for streaming)."""
+    num_new_tokens: int
+    """Tokens added by the latest step."""
+    logprobs: tuple[SampledToken, ...] | None
+    """Per generated token, when the request asked for logprobs."""
+    finish_reason: str | None
+    """None while running; "stop", "length" or "abort" once finished."""
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended the sample, if any."""
+
+
+@dataclass(frozen=True)
+class RequestMetricsOutput:
+    arrival_time: float
+    time_to_first_token: float | None
+    time_per_output_token: float | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_generated_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...]
+    outputs: tuple[CompletionOutput, ...]
+    finished: bool
+    metrics: RequestMetricsOutput

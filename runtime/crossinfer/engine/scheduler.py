@@ -1,0 +1,203 @@
+"""Continuous batching policy: which requests advance by how many tokens in the next step.
+
+A step is one forward pass over a ragged batch. Each scheduled request contributes a chunk of
+its not-yet-computed tokens: a whole prompt, part of a long prompt (chunked prefill), the rest
+of a prompt after a prefix-cache hit, or one token to decode. Running requests go first, in
+arrival order; waiting requests are admitted while the token budget, ``max_num_seqs`` and free
+blocks allow. When blocks run out, the newest running request is preempted: its blocks are
+freed and it goes back to the front of the queue to be recomputed later.
+
+The scheduler only decides; it never touches tensors. The runner executes its
+``SchedulerOutput``; the engine then reports back through ``advance`` and ``finish``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from crossinfer.engine.kv_cache import KVCacheManager
+from crossinfer.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    """Most requests in one step."""
+    max_num_batched_tokens: int
+    """Most tokens in one step (the token budget)."""
+    max_model_len: int
+    """Longest sequence (prompt plus output) a request may reach."""
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """One request's part of a step."""
+
+    request: Request
+    num_computed_tokens: int
+    """Tokens already in the cache before this step."""
+    num_new_tokens: int
+    """Tokens computed in this step: ``token_ids[num_computed : num_computed + num_new]``."""
+    block_ids: tuple[int, ...]
+    """The request's blocks, covering ``num_computed_tokens + num_new_tokens`` tokens."""
+
+    @property
+    def samples(self) -> bool:
+        """True when the chunk reaches the end of the known tokens, so a token is sampled."""
+        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    blocks_to_copy: tuple[tuple[int, int], ...]
+    """(src, dst) block copies to run before the forward pass (copy-on-share for n > 1)."""
+    preempted: tuple[str, ...]
+    """Requests preempted in this step, to be recomputed later."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """Holds the waiting queue and running list; decides each step's batch."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._pending_copies: list[tuple[int, int]] = []
+
+    # -- admission --------------------------------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
+        """Why a request of this size can never run, or None when it can."""
+        max_len = self.config.max_model_len
+        if num_prompt_tokens < 1:
+            return "the prompt is empty"
+        if num_prompt_tokens + max_tokens > max_len:
+            return (
+                f"this model's maximum context length is {max_len} tokens; the request has "
+                f"{num_prompt_tokens} prompt tokens and asks for {max_tokens} more"
+            )
+        size = self.kv_cache.block_size
+        # The last sampled token is never computed, so it takes no slot.
+        needed = -(-(num_prompt_tokens + max_tokens - 1) // size)
+        if needed > self.kv_cache.num_blocks:
+            return (
+                f"the request needs {needed} KV-cache blocks of {size} tokens but the cache has "
+                f"only {self.kv_cache.num_blocks}; give it more memory (--kv-cache-memory)"
+            )
+        return None
+
+    def add(self, request: Request) -> None:
+        """Queue a request that ``check_fits`` accepted."""
+        self.waiting.append(request)
+
+    def add_running(self, request: Request, copies: list[tuple[int, int]]) -> None:
+        """Add a forked request whose blocks are already allocated; copies run next step."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self._pending_copies += copies
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- the step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Decide the next step. Mutates queues and block ownership, never tensors."""
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        scheduled_ids: set[str] = set()
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            block_ids = self._allocate_or_preempt(request, num_new, preempted)
+            if block_ids is None:  # the request itself was preempted
+                break
+            chunks.append(self._chunk(request, num_new, block_ids))
+            scheduled_ids.add(request.request_id)
+            budget -= num_new
+            index += 1
+
+        if not preempted:
+            budget = self._admit_waiting(budget, chunks)
+
+        copies, self._pending_copies = tuple(self._pending_copies), []
+        return SchedulerOutput(tuple(chunks), copies, tuple(preempted))
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, preempted: list[str]
+    ) -> list[int] | None:
+        target = request.num_computed_tokens + num_new
+        while True:
+            block_ids = self.kv_cache.allocate(request.request_id, request.token_ids, target)
+            if block_ids is not None:
+                return block_ids
+            victim = self.running.pop()  # the newest running request
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = self.kv_cache.find_cached_prefix(request.token_ids)
+            num_new = min(request.num_tokens - cached.num_tokens, budget)
+            block_ids = self.kv_cache.allocate(
+                request.request_id, request.token_ids, cached.num_tokens + num_new, cached
+            )
+            if block_ids is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = cached.num_tokens
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = cached.num_tokens
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            chunks.append(self._chunk(request, num_new, block_ids))
+            budget -= num_new
+        return budget
+
+    @staticmethod
+    def _chunk(request: Request, num_new: int, block_ids: list[int]) -> ScheduledChunk:
+        return ScheduledChunk(request, request.num_computed_tokens, num_new, tuple(block_ids))
+
+    # -- after the step ---------------------------------------------------------------------
+    def advance(self, output: SchedulerOutput) -> None:
+        """Record that the step computed every scheduled chunk."""
+        for chunk in output.chunks:
+            chunk.request.num_computed_tokens = chunk.num_computed_tokens + chunk.num_new_tokens
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stopped, length, aborted) and release its blocks."""
+        request.status = status
+        request.metrics.finished_time = time.monotonic()
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache.free(request.request_id)

@@ -1,0 +1,205 @@
+"""Engine configuration, and building the engine's parts from it in the right order:
+device first (a missing one fails before any loading), then model, then the KV cache."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from crossinfer.backend import Backend, KVCacheSpec
+from crossinfer.engine.kv_cache import KVCacheManager
+from crossinfer.engine.runner import ModelRunner
+from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
+from crossinfer.loader import ModelFiles, open_model
+from crossinfer.models.llama import LlamaForCausalLM
+from crossinfer.models.registry import build_model
+from crossinfer.registry import resolve_device
+
+logger = logging.getLogger("crossinfer")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a user may set about one engine. None means "choose for me"."""
+
+    model: str | None = None
+    """HF folder or .gguf file; None is the embedded default model."""
+    device: str = "auto"
+    dtype: str = "auto"
+    """auto: the backend's preferred dtype (the first it lists)."""
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int | None = None
+    kv_cache_memory: int | None = None
+    """KV-cache bytes; wins over memory_utilization."""
+    memory_utilization: float | None = None
+    """Fraction of device memory the engine may fill (weights already loaded count)."""
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with weights on a backend, and its tokenizer: the slow part of building an
+    engine, reusable by several engines with different scheduling or cache settings."""
+
+    backend: Backend
+    model_files: ModelFiles
+    model: LlamaForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    config: EngineConfig
+    loaded: LoadedModel
+    max_model_len: int
+    kv_spec: KVCacheSpec
+    num_blocks: int
+    scheduler: Scheduler
+    runner: ModelRunner
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    """Resolve the device (failing before any loading), then load weights and tokenizer."""
+    backend = resolve_device(config.device)
+    backend.seed(config.seed)
+    files = open_model(config.model)
+    dtype = _pick_dtype(config.dtype, backend.capabilities().dtypes, backend.name)
+    max_model_len = _max_model_len(config, files)
+    model = build_model(files.config, backend, dtype, max_model_len)
+    model.load_weights(files.iter_weights())
+    model = backend.prepare_model(model)  # type: ignore[assignment]
+    tokenizer = files.load_tokenizer()
+    return LoadedModel(
+        backend, files, model, tokenizer, dtype, max_model_len, _eos_ids(files, tokenizer)
+    )
+
+
+def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineParts:
+    """Size and allocate the KV cache and build the scheduler and runner around a model
+    (loaded from ``config`` unless given)."""
+    loaded = loaded or load_model(config)
+    backend = loaded.backend
+    max_model_len = config.max_model_len or loaded.max_model_len
+    if max_model_len > loaded.max_model_len:
+        raise ValueError(
+            f"--max-model-len {max_model_len} exceeds the {loaded.max_model_len} positions the "
+            "model was loaded for"
+        )
+    caps = backend.capabilities()
+    block_size = config.block_size or caps.default_block_size
+    if block_size not in caps.block_sizes:
+        raise ValueError(
+            f"--block-size {block_size} is not supported by the {backend.name} backend; "
+            f"supported: {', '.join(map(str, caps.block_sizes))}"
+        )
+    args = loaded.model.args
+    spec = KVCacheSpec(args.num_layers, args.num_kv_heads, args.head_dim, block_size, loaded.dtype)
+    num_blocks = _num_kv_blocks(config, backend, spec, max_model_len)
+    kv_caches = backend.allocate_kv_cache(spec, num_blocks)
+    logger.info(
+        "backend %s (%s), model %s, dtype %s, KV cache %d blocks x %d tokens (%.1f MiB)",
+        backend.name,
+        ", ".join(backend.probe().devices),
+        loaded.model_files.path,
+        str(loaded.dtype).removeprefix("torch."),
+        num_blocks,
+        block_size,
+        num_blocks * spec.bytes_per_block / 2**20,
+    )
+    kv_manager = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=max_model_len,
+    )
+    return EngineParts(
+        config=config,
+        loaded=loaded,
+        max_model_len=max_model_len,
+        kv_spec=spec,
+        num_blocks=num_blocks,
+        scheduler=Scheduler(scheduler_config, kv_manager),
+        runner=ModelRunner(loaded.model, backend, kv_caches, block_size),
+    )
+
+
+def _pick_dtype(name: str, supported: tuple[torch.dtype, ...], backend: str) -> torch.dtype:
+    if name == "auto":
+        return supported[0]
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name}: unknown; choose auto or one of {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if dtype not in supported:
+        names = ", ".join(str(d).removeprefix("torch.") for d in supported)
+        raise ValueError(f"--dtype {name} is not supported by the {backend} backend: {names}")
+    return dtype
+
+
+def _max_model_len(config: EngineConfig, files: ModelFiles) -> int:
+    model_max = int(files.config.max_position_embeddings)
+    # The model computes full attention; a sliding window only matters past its length.
+    window = getattr(files.config, "sliding_window", None)
+    if window and getattr(files.config, "use_sliding_window", True):
+        model_max = min(model_max, int(window))
+    if config.max_model_len is None:
+        return model_max
+    if config.max_model_len > model_max:
+        raise ValueError(
+            f"--max-model-len {config.max_model_len} exceeds the model's {model_max} positions"
+        )
+    return config.max_model_len
+
+
+def _num_kv_blocks(
+    config: EngineConfig, backend: Backend, spec: KVCacheSpec, max_model_len: int
+) -> int:
+    """Blocks that fit the budget, capped at what ``max_num_seqs`` full sequences can use."""
+    if config.kv_cache_memory is not None:
+        budget = config.kv_cache_memory
+    else:
+        default = backend.capabilities().default_kv_cache_bytes
+        fraction = config.memory_utilization
+        if fraction is None and default is not None:
+            budget = default
+        else:
+            mem = backend.memory_info()
+            used = mem.total_bytes - mem.free_bytes
+            budget = int((fraction or 0.9) * mem.total_bytes) - used
+    num_blocks = budget // spec.bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"the KV-cache budget of {max(budget, 0) / 2**20:.1f} MiB holds no block of "
+            f"{spec.bytes_per_block / 2**20:.2f} MiB; raise --kv-cache-memory or "
+            "--memory-utilization"
+        )
+    usable = config.max_num_seqs * -(-max_model_len // spec.block_size)
+    return int(min(num_blocks, usable))
+
+
+def _eos_ids(files: ModelFiles, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(files.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)

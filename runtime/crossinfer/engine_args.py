@@ -1,0 +1,69 @@
+"""Command-line flags for an engine, shared by ``generate``, ``bench`` and ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the engine pulls in transformers; flags are built without it
+    from crossinfer.engine.setup import EngineConfig
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GiB"``, ``"512m"``, ``"1073741824"`` -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GiB or 512MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--model``, ``--dtype``, scheduling and KV-cache flags (``--device`` is separate)."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=None)
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument(
+        "--kv-cache-memory", type=parse_bytes, default=None, help="KV-cache size, e.g. 2GiB"
+    )
+    memory.add_argument(
+        "--memory-utilization",
+        type=float,
+        default=None,
+        help="fraction of device memory to fill with weights and KV cache (default 0.9)",
+    )
+    parser.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of shared prompt prefixes (default: on)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from crossinfer.engine.setup import EngineConfig
+
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        memory_utilization=args.memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+    )

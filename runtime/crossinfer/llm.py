@@ -1,0 +1,89 @@
+"""The offline API: ``LLM(...).generate(prompts, params)`` and ``.chat(messages, params)``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from crossinfer.engine.llm_engine import LLMEngine
+from crossinfer.engine.outputs import RequestOutput
+from crossinfer.engine.setup import EngineConfig
+from crossinfer.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
+Message = dict[str, Any]
+
+
+class LLM:
+    """One model on one backend, for batch generation in-process.
+
+    ``model=None`` loads the embedded default (SmolLM2-135M-Instruct); every other keyword is
+    an :class:`EngineConfig` field (``max_num_seqs``, ``kv_cache_memory``, ...).
+    """
+
+    def __init__(self, model: str | None = None, device: str = "auto", **engine_args: Any):
+        loaded = engine_args.pop("loaded", None)
+        config = EngineConfig(model=model, device=device, **engine_args)
+        self.engine = LLMEngine.from_config(config, loaded)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) together; outputs in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            param_list = [params or SamplingParams()] * len(prompt_list)
+        else:
+            param_list = list(params)
+        if len(param_list) != len(prompt_list):
+            raise ValueError(f"{len(prompt_list)} prompts but {len(param_list)} SamplingParams")
+        ids = [str(next(self._ids)) for _ in prompt_list]
+        for request_id, prompt, p in zip(ids, prompt_list, param_list, strict=True):
+            self.engine.add_request(request_id, prompt, p)
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+        return [finished[i] for i in ids]
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [
+            self.apply_chat_template(list(c), add_generation_prompt)  # type: ignore[arg-type]
+            for c in conversations
+        ]
+        return self.generate(prompts, params)
+
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template."""
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (text or token ids) or many, as a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(p, int) for p in items):
+        return [[int(p) for p in items]]  # type: ignore[arg-type]
+    return items  # type: ignore[return-value]
