@@ -32,6 +32,13 @@ def _read_meminfo() -> dict[str, int]:
     return fields
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class CpuBackend(Backend):
     """Plain PyTorch on the host CPU; always available."""
 
@@ -44,7 +51,7 @@ class CpuBackend(Backend):
 
     def probe(self) -> Probe:
         cpu = platform.processor() or platform.machine() or "cpu"
-        return Probe(available=True, devices=(f"{cpu} ({os.cpu_count()} cores)",))
+        return Probe(available=True, devices=(f"{cpu} ({_usable_cores()} cores)",))
 
     def capabilities(self) -> Capabilities:
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
@@ -94,9 +101,18 @@ class CpuBackend(Backend):
     def attention(
         self, query: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
     ) -> torch.Tensor:
-        if self._planned is None or self._planned[0] is not batch:
-            self._planned = (batch, attention.plan(batch, kv_cache.shape[2]))
-        return attention.paged_attention(query, kv_cache, self._planned[1], scale)
+        per_kv = query.shape[1] // kv_cache.shape[3]
+        planned = self._planned
+        if planned is None or planned[0] is not batch or planned[1].per_kv != per_kv:
+            planned = (batch, attention.plan(batch, kv_cache.shape[2], per_kv))
+            self._planned = planned
+        return attention.paged_attention(query, kv_cache, planned[1], scale)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Give torch's intra-op pool one thread per core this process may run on (torch's
+        own default counts physical cores of the whole machine, not the affinity mask)."""
+        torch.set_num_threads(_usable_cores())
+        return model
 
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")

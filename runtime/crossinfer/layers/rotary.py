@@ -32,7 +32,8 @@ class RotaryEmbedding(torch.nn.Module):
     """Rotates query and key heads by position (the "rotate half" layout of HF Llama).
 
     The cos/sin table is computed once in fp32 for ``max_positions`` and cast to the
-    activation dtype, as transformers does.
+    activation dtype, as transformers does. Only its first half is kept: the second half of
+    each row repeats the first.
     """
 
     def __init__(
@@ -47,22 +48,18 @@ class RotaryEmbedding(torch.nn.Module):
         inv_freq, scaling = inverse_frequencies(config, head_dim)
         positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
         # Kept as plain attributes, not buffers: weights are materialised from the meta device
         # and must not wipe this table.
-        self.cos = (emb.cos() * scaling).to(dtype=dtype, device=device)
-        self.sin = (emb.sin() * scaling).to(dtype=dtype, device=device)
+        self.cos = (freqs.cos() * scaling).to(dtype=dtype, device=device)
+        self.sin = (freqs.sin() * scaling).to(dtype=dtype, device=device)
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # query: [num_tokens, num_heads, head_dim]; key: [num_tokens, num_kv_heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``positions`` ([num_tokens]), each [num_tokens, 1, head_dim // 2].
+        Computed once per step and shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ([num_tokens, heads, head_dim]) by the looked-up ``cos`` and ``sin``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 
 from crossinfer.backend import AttentionBatch, Backend
 from crossinfer.layers.norm import RMSNorm
-from crossinfer.layers.rotary import RotaryEmbedding
+from crossinfer.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 @dataclass(frozen=True)
@@ -65,33 +65,34 @@ class LlamaArgs:
         )
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [num_tokens, 1, head_dim // 2] each
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, backend: Backend, rotary: RotaryEmbedding) -> None:
+    def __init__(self, args: LlamaArgs, backend: Backend) -> None:
         super().__init__()
         self.backend = backend
-        self.rotary = rotary
         self.num_heads = args.num_heads
         self.num_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
         q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: Rope,
         hidden: torch.Tensor,
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        # [num_tokens, num_heads + 2 * num_kv_heads, head_dim]: q heads, then k, then v
+        qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
+        num_qk = self.num_heads + self.num_kv_heads
+        qk = apply_rotary(qkv[:, :num_qk], *rope)  # q and k rotate in one pass
+        q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, num_qk:]
         self.backend.write_kv(k, v, kv_cache, batch.slot_mapping)
         out = self.backend.attention(q, kv_cache, batch, self.scale)
         return self.o_proj(out.view(num_tokens, -1))
@@ -112,21 +113,21 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, backend: Backend, rotary: RotaryEmbedding) -> None:
+    def __init__(self, args: LlamaArgs, backend: Backend) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, backend, rotary)
+        self.self_attn = LlamaAttention(args, backend)
         self.mlp = LlamaMLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: Rope,
         hidden: torch.Tensor,
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, batch)
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, batch)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -153,7 +154,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args = LlamaArgs.from_config(config)
         self.dtype = dtype
-        rotary = RotaryEmbedding(
+        self.rotary = RotaryEmbedding(
             config,
             args.head_dim,
             max_positions or args.max_position_embeddings,
@@ -162,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, backend, rotary) for _ in range(args.num_layers)
+            LlamaDecoderLayer(args, backend) for _ in range(args.num_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -182,8 +183,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden]."""
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, batch)
+            hidden = layer(rope, hidden, kv_cache, batch)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
