@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from crossinfer.engine import sampler as sampler_module
+from crossinfer.engine import random_sampling
 from crossinfer.engine.penalties import apply_penalties_
 from crossinfer.engine.sampler import SampledToken, SamplingRow, make_generator, sample
 from crossinfer.sampling_params import SamplingParams
@@ -84,7 +84,7 @@ def test_shape_mismatch_is_an_error() -> None:
 def candidate_sizes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run a test through each sampling path: the kept set must not depend on it."""
     sizes = {"default": (256, 4096), "full-vocab": (1,), "small-candidates": (2, 64)}
-    monkeypatch.setattr(sampler_module, "_CANDIDATE_SIZES", sizes[request.param])
+    monkeypatch.setattr(random_sampling, "_CANDIDATE_SIZES", sizes[request.param])
 
 
 # -- seeds ------------------------------------------------------------------------------
@@ -307,6 +307,11 @@ def test_min_tokens_bans_eos_and_stop_token_ids() -> None:
     rows = [row(greedy, output=[3], eos=[0]), row(greedy, output=[3, 3], eos=[0]),
             row(ignore, output=[], eos=[0])]  # fmt: skip
     assert ids(sample(logits, rows)) == [2, 0, 0]
+
+
+def test_min_tokens_bans_hold_for_sampled_rows(candidate_sizes: None) -> None:
+    params = SamplingParams(min_tokens=1, stop_token_ids=[0])
+    assert set(draws(params, PROB_LOGITS)) == {1, 2, 3}
 
 
 # -- logprobs -----------------------------------------------------------------------------

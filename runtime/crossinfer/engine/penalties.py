@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
 
 import torch
 
@@ -12,11 +11,12 @@ def _flat_positions(
     rows: Sequence[int], token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device
 ) -> torch.Tensor:
     """Index of each (row, token) pair in the flattened [num_rows * vocab] logits."""
-    lengths = torch.tensor([len(ids) for ids in token_ids])
-    ids = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.long)
-    row_ids = torch.repeat_interleave(torch.tensor(rows, dtype=torch.long), lengths)
-    # Built on the host from Python lists, then moved in one copy.
-    return (row_ids * vocab_size + ids).to(device)  # [total_tokens]
+    # Built on the host, one small tensor per row, then moved in one copy.
+    per_row = [
+        torch.as_tensor(ids, dtype=torch.long) + row * vocab_size
+        for row, ids in zip(rows, token_ids, strict=True)
+    ]
+    return torch.cat(per_row).to(device)  # [total_tokens]
 
 
 def apply_penalties_(
