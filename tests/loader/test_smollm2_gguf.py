@@ -29,13 +29,14 @@ MESSAGES = [{"role": "user", "content": "What is 2+2?"}]
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> ModelFiles:
-    return open_model(None)
+def smollm2(smollm2_loaded: Any) -> ModelFiles:
+    # The session's loaded default model: opened by open_model(None) like any other.
+    return smollm2_loaded.model_files
 
 
 @pytest.fixture(scope="module")
-def our_tokenizer(smollm2: ModelFiles) -> Any:
-    return smollm2.load_tokenizer()
+def our_tokenizer(smollm2_loaded: Any) -> Any:
+    return smollm2_loaded.tokenizer
 
 
 def test_default_model_is_the_packaged_gguf(smollm2: ModelFiles) -> None:

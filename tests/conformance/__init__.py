@@ -1,0 +1,1 @@
+"""Tests of the conformance suite (crossinfer_conformance)."""
