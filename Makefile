@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/crossinfer generate --prompt "What is the capital of France?" --chat --max-tokens 48
+	$(BIN)/crossinfer serve --host 127.0.0.1 --port 8000
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -71,6 +71,29 @@ def _run_generate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_serve(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    from crossinfer.engine_args import add_engine_arguments
+    from crossinfer.server.serve import add_serve_arguments
+
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI- and TGI-compatible HTTP API",
+        description="Serve a model (default: the embedded SmolLM2-135M-Instruct) with "
+        "/v1/completions, /v1/chat/completions, /v1/models, /generate, /generate_stream, "
+        "/tokenize, /detokenize, /health and /metrics.",
+    )
+    add_device_argument(parser)
+    add_engine_arguments(parser)
+    add_serve_arguments(parser)
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from crossinfer.server.serve import run
+
+    return run(args)
+
+
 def _add_bench(sub: Subparsers[argparse.ArgumentParser]) -> None:
     from crossinfer.commands import bench_args
     from crossinfer.engine_args import add_engine_arguments
@@ -84,12 +107,65 @@ def _add_bench(sub: Subparsers[argparse.ArgumentParser]) -> None:
     add_engine_arguments(throughput)
     bench_args.add_throughput_arguments(throughput)
     throughput.set_defaults(run=_run_bench_throughput)
+    serve = kinds.add_parser(
+        "serve", help="a concurrency sweep of streaming completions against an HTTP server"
+    )
+    bench_args.add_serve_bench_arguments(serve)
+    serve.set_defaults(run=_run_bench_serve)
 
 
 def _run_bench_throughput(args: argparse.Namespace) -> int:
     from crossinfer.commands.bench_throughput import run
 
     return run(args)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from crossinfer.commands.bench_serve import run
+
+    return run(args)
+
+
+def _add_conformance(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    from crossinfer_conformance import LEVELS
+
+    parser = sub.add_parser(
+        "conformance",
+        help="check a backend against the CPU reference (the conformance suite)",
+        description="Run the conformance suite on one backend and write a JSON report and a "
+        "Markdown matrix, or (--matrix) render the matrix of every report in a folder.",
+    )
+    add_device_argument(parser)
+    parser.add_argument(
+        "--emulate",
+        action="store_true",
+        help="set CROSSINFER_EMULATE=1: a backend that can run its kernels on a stand-in "
+        "without its hardware does so, and the report says 'emulated'",
+    )
+    parser.add_argument(
+        "--level", choices=LEVELS, default=LEVELS[-1], help="run L0 up to this level (default L5)"
+    )
+    parser.add_argument(
+        "--report", metavar="PATH", help="JSON report (default: conformance-NAME.json); .md beside"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("-k", metavar="EXPR", help="only cases matching this pytest -k expression")
+    parser.add_argument(
+        "--matrix", metavar="FOLDER", help="print the Markdown matrix of the reports in FOLDER"
+    )
+    parser.set_defaults(run=_run_conformance)
+
+
+def _run_conformance(args: argparse.Namespace) -> int:
+    from crossinfer_conformance import runner
+    from crossinfer_conformance.report import render_matrix
+
+    if args.matrix is not None:
+        print(render_matrix(args.matrix), end="")
+        return 0
+    name = runner.resolve_backend_name(args.device, args.emulate)
+    report = args.report or runner.default_report_path(name)
+    return runner.run_conformance(name, args.emulate, args.level, report, args.seed, args.k)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_backends(sub)
     _add_generate(sub)
+    _add_serve(sub)
     _add_bench(sub)
+    _add_conformance(sub)
     return parser
 
 

@@ -1,0 +1,130 @@
+"""What every route needs: the engine, the settings, the metrics, and the shared steps of
+handling a generation request (model check, submission, waiting with disconnect detection)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from crossinfer.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    GenerateRequest,
+    OutputStream,
+    Prompt,
+)
+from crossinfer.engine.outputs import RequestOutput
+from crossinfer.sampling_params import SamplingParams
+from crossinfer.server.errors import APIError, bad_request
+from crossinfer.server.metrics import ServerMetrics
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server presents itself and guards its door."""
+
+    served_model_name: str
+    model_path: str | None = None  # shown as the model card's ``root``
+    api_key: str | None = None  # None: no authentication
+    max_body_bytes: int = 1 << 20
+    retry_after_s: int = 1  # the Retry-After of a 503 when the waiting queue is full
+
+
+class ClientDisconnected(Exception):
+    """The client went away while a non-streaming request was generating."""
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """Passed to each router factory; routes close over it (no global state)."""
+
+    engine: AsyncLLMEngine
+    settings: ServerSettings
+    metrics: ServerMetrics
+    created: int  # when the server started (the model card's ``created``)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless ``model`` is the served name (or absent)."""
+        if model is not None and model != self.settings.served_model_name:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves "
+                f"{self.settings.served_model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def submit(
+        self,
+        prefix: str,
+        prompts: Sequence[Prompt],
+        params: SamplingParams,
+        param_names: dict[str, str] | None = None,
+    ) -> tuple[str, OutputStream]:
+        """Add one engine request per prompt; returns the response id and the output stream.
+        Refusals become 400 (naming the parameter), or 503 with Retry-After when full."""
+        response_id = f"{prefix}-{uuid.uuid4().hex}"
+        ids = (
+            [response_id]
+            if len(prompts) == 1
+            else [f"{response_id}-{i}" for i in range(len(prompts))]
+        )
+        requests = [GenerateRequest(i, p, params) for i, p in zip(ids, prompts, strict=True)]
+        try:
+            stream = await self.engine.add_requests(requests, self.metrics.timer())
+        except EngineOverloadedError as exc:
+            retry = str(self.settings.retry_after_s)
+            raise APIError(
+                503, str(exc), code="server_overloaded", headers={"Retry-After": retry}
+            ) from exc
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead") from exc
+        except ValueError as exc:
+            raise bad_request(exc, param_names) from exc
+        return response_id, stream
+
+    async def collect(self, stream: OutputStream, request: Request) -> list[RequestOutput]:
+        """The final output of each of the stream's requests, in order. If the client
+        disconnects first, the requests are aborted and ClientDisconnected is raised."""
+        final: dict[str, RequestOutput] = {}
+
+        async def consume() -> None:
+            async for output in stream:
+                if output.finished:
+                    final[output.request_id] = output
+
+        work = asyncio.ensure_future(consume())
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise ClientDisconnected
+            work.result()  # raises what the engine raised
+        finally:
+            gone.cancel()
+            work.cancel()
+            stream.close()
+        return [final[i] for i in stream.request_ids]
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body was read already, so the next ASGI message is the disconnect (uvicorn sends
+    # it when the client closes the connection, or after the response is complete).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def now() -> int:
+    """Unix time in seconds, for the responses' ``created``."""
+    return int(time.time())

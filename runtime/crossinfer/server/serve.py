@@ -1,0 +1,82 @@
+"""``crossinfer serve``: load a model and serve it over HTTP with uvicorn.
+
+The flags are added without importing the server, so ``crossinfer --help`` stays cheap; the
+device is resolved before the model is opened, so a missing accelerator fails in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+# The embedded default model's public name (the GGUF file name carries the quantisation).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY_ENV = "CROSSINFER_API_KEY"
+
+logger = logging.getLogger("crossinfer")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Server flags (the engine and ``--device`` flags are added by the caller)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help=f"the model name clients send (default: --model, or {DEFAULT_MODEL_NAME})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--max-waiting",
+        type=int,
+        default=512,
+        help="sequences that may wait for admission before requests get 503 (default 512)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body accepted; larger ones get 413 (default 1 MiB)",
+    )
+    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the device, load the model, then serve until interrupted."""
+    import uvicorn
+
+    from crossinfer.engine.async_engine import AsyncLLMEngine
+    from crossinfer.engine.setup import load_model
+    from crossinfer.engine_args import engine_config_from_args
+    from crossinfer.server.app import build_app
+    from crossinfer.server.context import ServerSettings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = engine_config_from_args(args)
+    loaded = load_model(config)  # resolves --device first: a missing one fails before loading
+    engine = AsyncLLMEngine.from_config(config, loaded, max_waiting=args.max_waiting)
+    settings = ServerSettings(
+        served_model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+        model_path=loaded.model_files.path,
+        api_key=args.api_key or None,
+        max_body_bytes=args.max_body_bytes,
+    )
+    logger.info(
+        "serving %s (max_model_len %d) on http://%s:%d%s",
+        settings.served_model_name,
+        engine.max_model_len,
+        args.host,
+        args.port,
+        " with an API key" if settings.api_key else "",
+    )
+    app = build_app(engine, settings)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        engine.shutdown()
+    return 0
