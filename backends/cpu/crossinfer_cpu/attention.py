@@ -49,7 +49,7 @@ def copy_blocks(kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None
 class _Group:
     """Sequences attended together, padded to their longest query and context."""
 
-    flat_blocks: torch.Tensor  # [seqs * blocks] int64: each sequence's blocks, padded
+    kv_rows: torch.Tensor  # [2 * seqs * blocks] int64: key rows, then value rows, of the blocks
     rows: torch.Tensor  # [seqs, max_query] query row of each (seq, offset); 0 where padded
     valid: torch.Tensor  # [seqs, max_query] bool: offset < the sequence's query length
     flat_rows: torch.Tensor  # rows[valid]
@@ -63,20 +63,27 @@ class AttentionPlan:
     per_kv: int  # query heads per KV head
 
 
-def plan(batch: AttentionBatch, block_size: int, per_kv: int) -> AttentionPlan:
+def plan(batch: AttentionBatch, num_blocks: int, block_size: int, per_kv: int) -> AttentionPlan:
     """Split the batch into a decode group and a prefill group and precompute their indices."""
     starts = [0, *accumulate(batch.query_lens_cpu)]
     decodes = [i for i, n in enumerate(batch.query_lens_cpu) if n == 1]
     prefills = [i for i, n in enumerate(batch.query_lens_cpu) if n > 1]
     groups = tuple(
-        _group(batch, seqs, starts, block_size, per_kv) for seqs in (decodes, prefills) if seqs
+        _group(batch, seqs, starts, (num_blocks, block_size), per_kv)
+        for seqs in (decodes, prefills)
+        if seqs
     )
     return AttentionPlan(groups, per_kv)
 
 
 def _group(
-    batch: AttentionBatch, seqs: list[int], starts: list[int], block_size: int, per_kv: int
+    batch: AttentionBatch,
+    seqs: list[int],
+    starts: list[int],
+    cache_shape: tuple[int, int],
+    per_kv: int,
 ) -> _Group:
+    num_cache_blocks, block_size = cache_shape
     device = batch.seq_lens.device
     query_lens = [batch.query_lens_cpu[i] for i in seqs]
     seq_lens = [batch.seq_lens_cpu[i] for i in seqs]
@@ -99,7 +106,9 @@ def _group(
     first = starts[seqs[0]]
     is_run = max_query == 1 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     contiguous = slice(first, first + len(seqs)) if is_run else None
-    return _Group(block_table.flatten(), rows, valid, rows[valid], mask, contiguous)
+    blocks = block_table.flatten()
+    kv_rows = torch.cat((blocks, blocks + num_cache_blocks))
+    return _Group(kv_rows, rows, valid, rows[valid], mask, contiguous)
 
 
 def paged_attention(
@@ -121,12 +130,13 @@ def _attend(
     num_heads, head_size = query.shape[1:]
     num_kv_heads = kv_cache.shape[3]
     per_kv = num_heads // num_kv_heads
-    # One gather of whole blocks for keys and values together (index_select over the block
-    # axis of a [2, blocks, block_bytes] view copies whole rows; per-tensor indexing was 4x
-    # slower on CPU). -> [2, seqs, ctx, kv_heads, dim]
-    num_blocks = kv_cache.shape[1]
-    kv = torch.index_select(kv_cache.view(2, num_blocks, -1), 1, group.flat_blocks)
-    kv = kv.view(2, num_seqs, -1, num_kv_heads, head_size)
+    # One gather of whole blocks, keys and values together: index_select over the rows of a
+    # [2 * blocks, block_numel] view is a parallel row copy (2.5x faster than indexing the
+    # block axis of the 5-d cache on 2 cores). -> [2, seqs, ctx, kv_heads, dim]
+    rows_2d = kv_cache.view(2 * kv_cache.shape[1], -1)
+    kv = torch.index_select(rows_2d, 0, group.kv_rows).view(
+        2, num_seqs, -1, num_kv_heads, head_size
+    )
     keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [seqs, kv_heads, ctx, dim]
     # [seqs, max_query, heads, dim] -> [seqs, kv_heads, per_kv * max_query, dim]
     rows = query[group.contiguous] if group.contiguous is not None else query[group.rows]

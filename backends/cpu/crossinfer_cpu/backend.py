@@ -18,6 +18,7 @@ from crossinfer.backend import (
 )
 from crossinfer.distributed.communicator import TorchDistributedCommunicator
 from crossinfer_cpu import attention
+from crossinfer_cpu.linear import transpose_linears
 
 
 def _read_meminfo() -> dict[str, int]:
@@ -104,15 +105,16 @@ class CpuBackend(Backend):
         per_kv = query.shape[1] // kv_cache.shape[3]
         planned = self._planned
         if planned is None or planned[0] is not batch or planned[1].per_kv != per_kv:
-            planned = (batch, attention.plan(batch, kv_cache.shape[2], per_kv))
+            planned = (batch, attention.plan(batch, kv_cache.shape[1], kv_cache.shape[2], per_kv))
             self._planned = planned
         return attention.paged_attention(query, kv_cache, planned[1], scale)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Give torch's intra-op pool one thread per core this process may run on (torch's
-        own default counts physical cores of the whole machine, not the affinity mask)."""
+        """Store linear weights transposed (faster GEMMs at decode sizes, see linear.py) and
+        give torch's intra-op pool one thread per core this process may run on (torch's own
+        default counts the machine's physical cores, not the affinity mask)."""
         torch.set_num_threads(_usable_cores())
-        return model
+        return transpose_linears(model)
 
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")
