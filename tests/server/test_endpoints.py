@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
+from openapi_spec_validator import validate
 
 from tests.server.conftest import MAX_MODEL_LEN, MODEL
 
@@ -87,6 +88,7 @@ def test_each_app_has_its_own_registry(server_engine: Any) -> None:
 
 def test_openapi_schema(base_url: str) -> None:
     schema = httpx.get(base_url + "/openapi.json").json()
+    validate(schema)  # raises on any violation of the OpenAPI 3 specification
     assert re.fullmatch(r"3\.\d+\.\d+", schema["openapi"])
     assert schema["info"]["title"] == "crossinfer"
     paths = schema["paths"]
