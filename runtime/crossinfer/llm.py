@@ -8,7 +8,7 @@ from typing import Any
 
 from crossinfer.engine.llm_engine import LLMEngine
 from crossinfer.engine.outputs import RequestOutput
-from crossinfer.engine.setup import EngineConfig
+from crossinfer.engine.setup import EngineConfig, LoadedModel
 from crossinfer.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -19,11 +19,17 @@ class LLM:
     """One model on one backend, for batch generation in-process.
 
     ``model=None`` loads the embedded default (SmolLM2-135M-Instruct); every other keyword is
-    an :class:`EngineConfig` field (``max_num_seqs``, ``kv_cache_memory``, ...).
+    an :class:`EngineConfig` field (``max_num_seqs``, ``kv_cache_memory``, ...). ``loaded``
+    reuses a model already loaded by ``crossinfer.engine.setup.load_model`` (tests, benchmarks).
     """
 
-    def __init__(self, model: str | None = None, device: str = "auto", **engine_args: Any):
-        loaded = engine_args.pop("loaded", None)
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "auto",
+        loaded: LoadedModel | None = None,
+        **engine_args: Any,
+    ):
         config = EngineConfig(model=model, device=device, **engine_args)
         self.engine = LLMEngine.from_config(config, loaded)
         self._ids = itertools.count()

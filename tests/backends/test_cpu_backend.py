@@ -29,13 +29,9 @@ def dense_attention(
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def _random_case(block_size: int, group: int, head_size: int, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    kv_heads = 2
-    # (context before this step, new tokens): full prefill, prefill after a cached prefix,
-    # decodes, a decode whose last block is partly filled.
-    shapes = [(0, 19), (37, 6), (50, 1), (1, 1), (block_size * 2, 1)]
-    return dict(gen=gen, kv_heads=kv_heads, heads=kv_heads * group, shapes=shapes)
+# (context before this step, new tokens): a full prefill, a prefill after a cached prefix,
+# decodes, and a decode whose last block is partly filled (added per block size).
+SHAPES = [(0, 19), (37, 6), (50, 1), (1, 1)]
 
 
 @pytest.mark.parametrize(
@@ -44,8 +40,9 @@ def _random_case(block_size: int, group: int, head_size: int, seed: int) -> dict
 )
 def test_paged_attention_matches_dense(block_size: int, group: int, head_size: int) -> None:
     backend = CpuBackend()
-    case = _random_case(block_size, group, head_size, seed=block_size * 100 + group * 10)
-    gen, kv_heads, heads, shapes = case["gen"], case["kv_heads"], case["heads"], case["shapes"]
+    gen = torch.Generator().manual_seed(block_size * 100 + group * 10 + head_size)
+    kv_heads, heads = 2, 2 * group
+    shapes = [*SHAPES, (block_size * 2, 1)]
     seq_lens = [done + new for done, new in shapes]
     blocks_needed = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(blocks_needed) + 2

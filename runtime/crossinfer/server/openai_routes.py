@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from crossinfer.engine.outputs import RequestOutput
+from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.context import ClientDisconnected, ServerContext, now
 from crossinfer.server.errors import ERROR_RESPONSES
 from crossinfer.server.params import (
@@ -24,6 +25,7 @@ from crossinfer.server.protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    StreamOptions,
 )
 from crossinfer.server.responses import (
     TokenText,
@@ -43,6 +45,20 @@ def openai_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter(responses=ERROR_RESPONSES)
     tokens = TokenText(ctx.tokenizer)
 
+    def stream_spec(
+        response_id: str, params: SamplingParams, options: StreamOptions | None, echo: bool = False
+    ) -> StreamSpec:
+        return StreamSpec(
+            response_id=response_id,
+            model=ctx.settings.served_model_name,
+            created=now(),
+            n=params.n,
+            tokens=tokens,
+            logprobs=params.logprobs is not None,
+            include_usage=bool(options and options.include_usage),
+            echo=echo,
+        )
+
     @router.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
         card = ModelCard(
@@ -59,16 +75,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         params = completion_params(body)
         prompts = completion_prompts(body)
         response_id, stream = await ctx.submit("cmpl", prompts, params, {"*": "prompt"})
-        spec = StreamSpec(
-            response_id=response_id,
-            model=ctx.settings.served_model_name,
-            created=now(),
-            n=params.n,
-            tokens=tokens,
-            logprobs=params.logprobs is not None,
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            echo=body.echo,
-        )
+        spec = stream_spec(response_id, params, body.stream_options, echo=body.echo)
         if body.stream:
             events = completion_events(stream, spec, ctx.tokenizer)
             return StreamingResponse(events, media_type=MEDIA_TYPE)
@@ -84,15 +91,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         params = chat_params(body)
         prompt = render_chat(ctx.tokenizer, body.messages, body.add_generation_prompt)
         response_id, stream = await ctx.submit("chatcmpl", [prompt], params, {"*": "messages"})
-        spec = StreamSpec(
-            response_id=response_id,
-            model=ctx.settings.served_model_name,
-            created=now(),
-            n=params.n,
-            tokens=tokens,
-            logprobs=params.logprobs is not None,
-            include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        )
+        spec = stream_spec(response_id, params, body.stream_options)
         if body.stream:
             return StreamingResponse(chat_events(stream, spec), media_type=MEDIA_TYPE)
         try:
