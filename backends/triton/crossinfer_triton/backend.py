@@ -1,0 +1,226 @@
+"""TritonBackend: the paged cache and attention of every Triton-capable GPU backend.
+
+A vendor package subclasses it and supplies what differs per vendor: the device probe, memory
+report, collectives, capabilities and launch tiles (see crossinfer_cuda, crossinfer_rocm).
+
+Emulation: with ``CROSSINFER_EMULATE=1`` in the environment when the backend is built (the
+conformance suite's ``--emulate`` sets it), the kernels run under Triton's interpreter on CPU
+tensors, the probe succeeds without a GPU, collectives use gloo, and ``Capabilities.emulated``
+says so. The interpreter is chosen when ``@triton.jit`` runs, for triton's own library when
+``triton.language`` is first imported: this package sets ``TRITON_INTERPRET=1`` as it is
+imported (entry points load before models), the kernel modules are imported only after that
+(see :func:`_kernels`), and the probe refuses, saying why, when triton was imported earlier.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import importlib.util
+import os
+import platform
+import sys
+from dataclasses import replace
+from types import ModuleType
+
+import torch
+
+from crossinfer.backend import (
+    EMULATE_ENV,
+    AttentionBatch,
+    Backend,
+    Capabilities,
+    Communicator,
+    KVCacheSpec,
+    MemoryInfo,
+    Probe,
+)
+from crossinfer.distributed.communicator import TorchDistributedCommunicator
+from crossinfer_triton.tiles import AttentionTiles
+
+EMULATED_CORES = 64
+"""Compute units the split-K policy assumes under the interpreter (it runs programs serially,
+so this only decides which code path the tests exercise)."""
+EMULATED_SPLIT_MIN_CONTEXT = 256
+ENFORCE_EAGER_ENV = "CROSSINFER_ENFORCE_EAGER"
+"""Set to "1" to run every step eagerly, without graph capture (for debugging)."""
+
+
+def emulation_requested() -> bool:
+    """CROSSINFER_EMULATE=1; also turns on Triton's interpreter if triton is not loaded yet."""
+    if os.environ.get(EMULATE_ENV) != "1":
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def _interpreter_problem() -> str:
+    """Why Triton's interpreter cannot run our kernels in this process; "" when it can."""
+    if "triton.language" not in sys.modules:
+        return ""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(sys.modules["triton.language"].standard.zeros, InterpretedFunction):
+        return ""
+    return (
+        "triton was imported before emulation was requested, so its library is compiled for a "
+        "GPU, not interpreted; also export TRITON_INTERPRET=1 before starting the process"
+    )
+
+
+def _kernels() -> tuple[ModuleType, ModuleType]:
+    cache_ops = importlib.import_module("crossinfer_triton.cache_ops")
+    attention = importlib.import_module("crossinfer_triton.paged_attention")
+    return cache_ops, attention
+
+
+class TritonBackend(Backend):
+    """Paged KV cache, write_kv, attention and copy_blocks in Triton; the rest per vendor."""
+
+    torch_device_type = "cuda"
+    """torch's device type for this vendor's GPUs (ROCm builds of torch also say "cuda")."""
+
+    def __init__(self) -> None:
+        self.emulated = emulation_requested()
+        self._num_cores: int | None = None
+
+    # -- what a vendor provides -------------------------------------------------------------
+    @abc.abstractmethod
+    def hardware_probe(self) -> Probe:
+        """The probe on real hardware: SDK build of torch, devices present."""
+
+    @abc.abstractmethod
+    def hardware_capabilities(self) -> Capabilities:
+        """Capabilities on real hardware (``emulated`` False)."""
+
+    @abc.abstractmethod
+    def hardware_tiles(self) -> AttentionTiles:
+        """Launch parameters of the attention kernel on this vendor's GPUs."""
+
+    distributed_backend = "nccl"
+    """torch.distributed backend of the real collectives (RCCL answers to "nccl" too)."""
+
+    # -- identity and discovery -------------------------------------------------------------
+    def probe(self) -> Probe:
+        if importlib.util.find_spec("triton") is None:
+            return Probe(False, "the triton package is not installed; pip install triton")
+        if not self.emulated:
+            return self.hardware_probe()
+        problem = _interpreter_problem()
+        if problem:
+            return Probe(False, f"cannot emulate {self.name}: {problem}")
+        cpu = platform.processor() or platform.machine() or "cpu"
+        return Probe(True, devices=(f"Triton interpreter on {cpu} (emulated {self.name})",))
+
+    def capabilities(self) -> Capabilities:
+        caps = self.hardware_capabilities()
+        if not self.emulated:
+            return caps
+        # Host memory is shared; fp32 first: the interpreter is slow and bf16 dots are cast.
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        return Capabilities(
+            dtypes=dtypes,
+            kv_cache_dtypes=dtypes,
+            block_sizes=caps.block_sizes,
+            head_sizes=caps.head_sizes,
+            prefix_caching=caps.prefix_caching,
+            graph_capture=False,
+            distributed_backend="gloo",
+            emulated=True,
+            default_block_size=caps.default_block_size,
+            default_kv_cache_bytes=256 << 20,
+        )
+
+    def device(self) -> torch.device:
+        if self.emulated:
+            return torch.device("cpu")
+        return torch.device(self.torch_device_type, torch.cuda.current_device())
+
+    # -- memory -----------------------------------------------------------------------------
+    def memory_info(self) -> MemoryInfo:
+        if self.emulated:
+            page = os.sysconf("SC_PAGE_SIZE")
+            total = page * os.sysconf("SC_PHYS_PAGES")
+            return MemoryInfo(total, page * os.sysconf("SC_AVPHYS_PAGES"))
+        free, total = torch.cuda.mem_get_info(self.device())
+        return MemoryInfo(total, free)
+
+    def allocate_kv_cache(self, spec: KVCacheSpec, num_blocks: int) -> list[torch.Tensor]:
+        shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+        device = self.device()
+        return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
+        cache_ops, _ = _kernels()
+        cache_ops.copy_blocks(kv_caches, src_to_dst)
+
+    def read_kv(
+        self, kv_cache: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = kv_cache.flatten(1, 2)  # [2, num_slots, num_kv_heads, head_size]
+        return rows[0, slots], rows[1, slots]
+
+    # -- attention --------------------------------------------------------------------------
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        cache_ops, _ = _kernels()
+        cache_ops.write_kv(key, value, kv_cache, slot_mapping)
+
+    def attention(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
+    ) -> torch.Tensor:
+        _, kernels = _kernels()
+        tiles = self.tiles()
+        if query.stride(-1) != 1:
+            query = query.contiguous()
+        splits = kernels.num_splits(batch, kv_cache.shape[3], self.num_cores(), tiles)
+        return kernels.paged_attention(query, kv_cache, batch, scale, tiles, splits)
+
+    def tiles(self) -> AttentionTiles:
+        """The vendor's tiles; under the interpreter with fp32 dots (bf16 ones are wrong there)
+        and split-K from short contexts, so tiny test shapes exercise it."""
+        tiles = self.hardware_tiles()
+        if self.emulated:
+            tiles = replace(tiles, dot_fp32=True, split_min_context=EMULATED_SPLIT_MIN_CONTEXT)
+        return tiles
+
+    def num_cores(self) -> int:
+        """Compute units (SMs, CUs) of the device: the split-K policy fills them."""
+        if self._num_cores is None:
+            if self.emulated:
+                self._num_cores = EMULATED_CORES
+            else:
+                props = torch.cuda.get_device_properties(self.device())
+                self._num_cores = int(props.multi_processor_count)
+        return self._num_cores
+
+    # -- collectives ------------------------------------------------------------------------
+    def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
+        if self.emulated:
+            return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return TorchDistributedCommunicator(
+            rank, world_size, init_method, pg_backend=self.distributed_backend
+        )
+
+    # -- execution --------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        if not self.emulated:
+            torch.cuda.synchronize(self.device())
+
+    def seed(self, seed: int) -> None:
+        torch.manual_seed(seed)  # seeds every CUDA/HIP device too
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Replay decode steps from device graphs (see crossinfer_triton.graphs) when the
+        capabilities declare graph capture and CROSSINFER_ENFORCE_EAGER is not "1"."""
+        if not self.capabilities().graph_capture or os.environ.get(ENFORCE_EAGER_ENV) == "1":
+            return model
+        from crossinfer_triton.graphs import GraphedDecode, cuda_graph_capture
+
+        return GraphedDecode(model, cuda_graph_capture())
