@@ -86,3 +86,16 @@ def paged_case(
         [dense_attention(q, k, v, scale) for q, k, v in zip(queries, keys, values, strict=True)]
     )
     return PagedCase(torch.cat(queries).to(device), cache, batch, scale, expected)
+
+
+def assert_copy_blocks_copies_every_layer(backend: Backend) -> None:
+    """Blocks 1 -> 3 and 0 -> 2 in two layers, keys and values; the sources stay."""
+    caches = backend.allocate_kv_cache(KVCacheSpec(2, 1, 32, 2, torch.float32), 4)
+    for layer, cache in enumerate(caches):
+        for block in range(4):
+            cache[:, block] = 10 * layer + block
+    backend.copy_blocks(caches, torch.tensor([[1, 3], [0, 2]], device=backend.device()))
+    for layer, cache in enumerate(caches):
+        firsts = [float(cache[kv, b, 0, 0, 0]) for kv in (0, 1) for b in range(4)]
+        assert firsts == [10 * layer + x for x in (0, 1, 0, 1)] * 2
+        assert bool((cache[:, 3] == 10 * layer + 1).all())

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from crossinfer.backend import KVCacheSpec
 from crossinfer_cpu import CpuBackend
-from tests.backends.paged_case import paged_case
+from tests.backends.paged_case import assert_copy_blocks_copies_every_layer, paged_case
 
 # (context before this step, new tokens): a full prefill, a prefill after a cached prefix,
 # decodes, and a decode whose last block is partly filled (added per block size).
@@ -48,17 +48,7 @@ def test_write_kv_touches_only_named_slots() -> None:
 
 
 def test_copy_blocks_copies_keys_and_values_in_every_layer() -> None:
-    backend = CpuBackend()
-    spec = KVCacheSpec(2, 1, 32, 2, torch.float32)
-    caches = backend.allocate_kv_cache(spec, 4)
-    for layer, cache in enumerate(caches):
-        for block in range(4):
-            cache[:, block] = 10 * layer + block
-    backend.copy_blocks(caches, torch.tensor([[1, 3], [0, 2]]))
-    for layer, cache in enumerate(caches):
-        firsts = [float(cache[kv, b, 0, 0, 0]) for kv in (0, 1) for b in range(4)]
-        base = 10 * layer
-        assert firsts == [base + x for x in (0, 1, 0, 1)] * 2
+    assert_copy_blocks_copies_every_layer(CpuBackend())
 
 
 def test_kv_cache_bytes_match_spec() -> None:

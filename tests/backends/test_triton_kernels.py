@@ -9,7 +9,7 @@ import torch
 from crossinfer.backend import KVCacheSpec
 from crossinfer.engine.batch import build_attention_batch
 from crossinfer_cuda import CudaBackend
-from tests.backends.paged_case import paged_case
+from tests.backends.paged_case import assert_copy_blocks_copies_every_layer, paged_case
 
 SHAPES = [(0, 19), (37, 6), (50, 1), (1, 1)]
 """(tokens already cached, new tokens): a prefill, a prefix chunk, decodes."""
@@ -99,12 +99,4 @@ def test_write_kv_casts_to_the_cache_dtype(backend: CudaBackend) -> None:
 
 
 def test_copy_blocks_copies_keys_and_values_in_every_layer(backend: CudaBackend) -> None:
-    caches = backend.allocate_kv_cache(KVCacheSpec(2, 1, 32, 2, torch.float32), 4)
-    for layer, cache in enumerate(caches):
-        for block in range(4):
-            cache[:, block] = 10 * layer + block
-    backend.copy_blocks(caches, torch.tensor([[1, 3], [0, 2]]))
-    for layer, cache in enumerate(caches):
-        firsts = [float(cache[kv, b, 0, 0, 0]) for kv in (0, 1) for b in range(4)]
-        assert firsts == [10 * layer + x for x in (0, 1, 0, 1)] * 2
-        assert bool((cache[:, 3] == 10 * layer + 1).all())
+    assert_copy_blocks_copies_every_layer(backend)
