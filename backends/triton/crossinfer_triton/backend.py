@@ -15,6 +15,7 @@ imported (entry points load before models), the kernel modules are imported only
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 import importlib.util
 import os
@@ -68,6 +69,7 @@ def _interpreter_problem() -> str:
     )
 
 
+@functools.cache
 def _kernels() -> tuple[ModuleType, ModuleType]:
     cache_ops = importlib.import_module("crossinfer_triton.cache_ops")
     attention = importlib.import_module("crossinfer_triton.paged_attention")
@@ -83,6 +85,7 @@ class TritonBackend(Backend):
     def __init__(self) -> None:
         self.emulated = emulation_requested()
         self._num_cores: int | None = None
+        self._tiles: AttentionTiles | None = None
 
     # -- what a vendor provides -------------------------------------------------------------
     @abc.abstractmethod
@@ -184,10 +187,12 @@ class TritonBackend(Backend):
     def tiles(self) -> AttentionTiles:
         """The vendor's tiles; under the interpreter with fp32 dots (bf16 ones are wrong there)
         and split-K from short contexts, so tiny test shapes exercise it."""
-        tiles = self.hardware_tiles()
-        if self.emulated:
-            tiles = replace(tiles, dot_fp32=True, split_min_context=EMULATED_SPLIT_MIN_CONTEXT)
-        return tiles
+        if self._tiles is None:
+            tiles = self.hardware_tiles()
+            if self.emulated:
+                tiles = replace(tiles, dot_fp32=True, split_min_context=EMULATED_SPLIT_MIN_CONTEXT)
+            self._tiles = tiles
+        return self._tiles
 
     def num_cores(self) -> int:
         """Compute units (SMs, CUs) of the device: the split-K policy fills them."""
