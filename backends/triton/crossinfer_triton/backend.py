@@ -100,9 +100,6 @@ class TritonBackend(Backend):
     def hardware_tiles(self) -> AttentionTiles:
         """Launch parameters of the attention kernel on this vendor's GPUs."""
 
-    distributed_backend = "nccl"
-    """torch.distributed backend of the real collectives (RCCL answers to "nccl" too)."""
-
     # -- identity and discovery -------------------------------------------------------------
     def probe(self) -> Probe:
         if importlib.util.find_spec("triton") is None:
@@ -119,18 +116,15 @@ class TritonBackend(Backend):
         caps = self.hardware_capabilities()
         if not self.emulated:
             return caps
-        # Host memory is shared; fp32 first: the interpreter is slow and bf16 dots are cast.
+        # fp32 first: the interpreter is slow and casts bf16 dots anyway. Host memory is shared.
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
-        return Capabilities(
+        return replace(
+            caps,
             dtypes=dtypes,
             kv_cache_dtypes=dtypes,
-            block_sizes=caps.block_sizes,
-            head_sizes=caps.head_sizes,
-            prefix_caching=caps.prefix_caching,
             graph_capture=False,
             distributed_backend="gloo",
             emulated=True,
-            default_block_size=caps.default_block_size,
             default_kv_cache_bytes=256 << 20,
         )
 
@@ -209,9 +203,9 @@ class TritonBackend(Backend):
         if self.emulated:
             return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")
         torch.cuda.set_device(rank % torch.cuda.device_count())
-        return TorchDistributedCommunicator(
-            rank, world_size, init_method, pg_backend=self.distributed_backend
-        )
+        # "nccl" on both vendors: ROCm's torch.distributed runs RCCL under that name.
+        pg_backend = self.hardware_capabilities().distributed_backend
+        return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend=pg_backend)
 
     # -- execution --------------------------------------------------------------------------
     def synchronize(self) -> None:
