@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from crossinfer.backend import KVCacheSpec
-from crossinfer_cpu import CpuBackend
+from crossinfer_cpu import CpuBackend, native
 from tests.backends.paged_case import assert_copy_blocks_copies_every_layer, paged_case
 
 # (context before this step, new tokens): a full prefill, a prefill after a cached prefix,
@@ -18,18 +18,51 @@ from tests.backends.paged_case import assert_copy_blocks_copies_every_layer, pag
 SHAPES = [(0, 19), (37, 6), (50, 1), (1, 1)]
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the native decode kernel, then with PyTorch alone."""
+    if request.param == "native" and native.decode_kernel() is None:
+        pytest.skip(f"native decode kernel unavailable: {native.why_unavailable()}")
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "decode_kernel", lambda: None)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
     "block_size,group,head_size",
-    list(itertools.product([1, 16, 32], [1, 3, 4], [64, 128])),
+    list(itertools.product([1, 16, 32], [1, 3, 4], [64, 80, 128])),
 )
-def test_paged_attention_matches_dense(block_size: int, group: int, head_size: int) -> None:
+def test_paged_attention_matches_dense(
+    block_size: int, group: int, head_size: int, decode_path: str
+) -> None:
     backend = CpuBackend()
     shapes = [*SHAPES, (block_size * 2, 1)]
     seed = block_size * 100 + group * 10 + head_size
     case = paged_case(backend, shapes, block_size, group, head_size, seed=seed)
     out = backend.attention(case.query, case.cache, case.batch, case.scale)
+    planned = backend._planned
+    assert planned is not None
+    decode_group = next(g for g in planned[1].groups if g.rows.shape[1] == 1)
+    assert (decode_group.native is not None) == (decode_path == "native")
     assert out.shape == (sum(n for _, n in shapes), 2 * group, head_size)
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
+
+
+def test_native_decode_only_for_fp32_caches() -> None:
+    """A bf16 cache runs the PyTorch path (the kernel is fp32 only) and still matches."""
+    backend = CpuBackend()
+    case = paged_case(backend, [(40, 1), (3, 1)], 16, 3, 64, dtype=torch.bfloat16, seed=5)
+    out = backend.attention(case.query, case.cache, case.batch, case.scale)
+    assert torch.allclose(out.double(), case.expected, atol=2e-2, rtol=2e-2)
+
+
+def test_native_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    native._load.cache_clear()
+    try:
+        assert native._load() == (None, f"{native.NATIVE_ENV}=0")
+    finally:
+        native._load.cache_clear()
 
 
 def test_write_kv_touches_only_named_slots() -> None:

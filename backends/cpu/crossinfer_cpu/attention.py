@@ -11,6 +11,10 @@ Grouped-query attention folds the query heads that share a KV head into the quer
 
 Everything that depends only on the batch (which rows go where, the masks) is an
 :class:`AttentionPlan`, built once per step and reused by every layer.
+
+Decode rows of an fp32 cache take a faster path when the native kernel could be built
+(native.py): it reads keys and values in place through the block table instead of gathering
+them, which is most of the cost of a decode step's attention.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from crossinfer.backend import AttentionBatch
+from crossinfer_cpu import native
 
 
 def write_kv(
@@ -55,6 +60,14 @@ class _Group:
     flat_rows: torch.Tensor  # rows[valid]
     mask: torch.Tensor  # [seqs, 1, group * max_query, ctx] bool, True = may attend
     contiguous: slice | None  # the rows as a slice when they are one unpadded run
+    native: _NativeDecode | None  # a decode group's inputs for the native kernel
+
+
+@dataclass(frozen=True)
+class _NativeDecode:
+    rows: torch.Tensor  # [seqs] int64: query row of each sequence
+    block_table: torch.Tensor  # [seqs, blocks] int32, contiguous
+    seq_lens: torch.Tensor  # [seqs] int32
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,14 @@ def _group(
     contiguous = slice(first, first + len(seqs)) if is_run else None
     blocks = block_table.flatten()
     kv_rows = torch.cat((blocks, blocks + num_cache_blocks))
-    return _Group(kv_rows, rows, valid, rows[valid], mask, contiguous)
+    native_inputs = None
+    if max_query == 1 and native.decode_kernel() is not None:
+        native_inputs = _NativeDecode(
+            rows[:, 0].contiguous(),
+            block_table.to(torch.int32).contiguous(),
+            torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        )
+    return _Group(kv_rows, rows, valid, rows[valid], mask, contiguous, native_inputs)
 
 
 def paged_attention(
@@ -119,8 +139,24 @@ def paged_attention(
 ) -> torch.Tensor:
     out = torch.empty_like(query)
     for group in attention_plan.groups:
-        _attend(query, kv_cache, group, scale, out)
+        if group.native is not None and _native_layout(query, kv_cache, out):
+            inputs = group.native
+            native.paged_decode_attention(
+                out, query, inputs.rows, kv_cache, inputs.block_table, inputs.seq_lens, scale
+            )
+        else:
+            _attend(query, kv_cache, group, scale, out)
     return out
+
+
+def _native_layout(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> bool:
+    """The native kernel's layout: fp32, each row's heads contiguous, a contiguous cache."""
+    head_size = query.shape[2]
+    return (
+        query.dtype == kv_cache.dtype == out.dtype == torch.float32
+        and kv_cache.is_contiguous()
+        and all(t.stride(2) == 1 and t.stride(1) == head_size for t in (query, out))
+    )
 
 
 def _attend(

@@ -18,7 +18,7 @@ from crossinfer.backend import (
 )
 from crossinfer.distributed.communicator import TorchDistributedCommunicator
 from crossinfer_cpu import attention
-from crossinfer_cpu.linear import transpose_linears
+from crossinfer_cpu.linear import prepare_linears
 
 
 def _read_meminfo() -> dict[str, int]:
@@ -114,7 +114,7 @@ class CpuBackend(Backend):
         give torch's intra-op pool one thread per core this process may run on (torch's own
         default counts the machine's physical cores, not the affinity mask)."""
         torch.set_num_threads(_usable_cores())
-        return transpose_linears(model)
+        return prepare_linears(model)
 
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")

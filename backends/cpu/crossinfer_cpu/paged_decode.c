@@ -1,0 +1,133 @@
+/* Decode attention read in place from the paged KV cache (fp32), for the CPU backend.
+ *
+ * One query token per sequence. The cache of one layer is
+ * [2, num_blocks, block_size, num_kv_heads, head_size], contiguous: keys, then values.
+ * Each (sequence, KV head) is one task: its query heads (the GQA group) are scored against
+ * every key of the sequence, read through the block table, softmax-ed in fp32, and the values
+ * are summed with those weights. Keys and values are read once each, where they lie; the
+ * PyTorch path gathers them into a dense copy first, which triples the memory traffic.
+ *
+ * Built at run time by native.py (-O3 -march=native -fopenmp) and linked against the OpenMP
+ * runtime torch has already loaded, so both share one thread pool.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+struct problem {
+    float *out;
+    int64_t out_row_stride;
+    const float *query;
+    int64_t query_row_stride;
+    const int64_t *rows;
+    const float *keys, *values;
+    int64_t block_size, num_kv_heads, group;
+    const int32_t *block_table;
+    int64_t block_table_stride;
+    const int32_t *seq_lens;
+    float scale;
+};
+
+/* One (sequence, KV head). Inlined with a constant head_size for the common sizes, so the
+ * compiler unrolls the head dimension and keeps the query and the accumulators in registers. */
+static inline __attribute__((always_inline)) void attend(
+    const struct problem *p, int64_t s, int64_t h, const int64_t head_size,
+    float *restrict scores, float *restrict acc, float *restrict total)
+{
+    const int64_t group = p->group, len = p->seq_lens[s], block_size = p->block_size;
+    const int64_t token_stride = p->num_kv_heads * head_size;
+    const int64_t block_stride = block_size * token_stride;
+    const int32_t *table = p->block_table + s * p->block_table_stride;
+    const float *restrict q = p->query + p->rows[s] * p->query_row_stride + h * group * head_size;
+    const int64_t head_offset = h * head_size;
+
+    /* scores[g][t] = scale * q_g . k_t, block by block */
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const float *restrict k = p->keys + table[start / block_size] * block_stride + head_offset;
+        for (int64_t i = 0; i < n; i++, k += token_stride) {
+            for (int64_t g = 0; g < group; g++) {
+                const float *restrict qg = q + g * head_size;
+                float dot = 0.0f;
+                for (int64_t d = 0; d < head_size; d++) dot += qg[d] * k[d];
+                scores[g * len + start + i] = dot * p->scale;
+            }
+        }
+    }
+    /* softmax in place; the normaliser is applied at the end */
+    for (int64_t g = 0; g < group; g++) {
+        float *restrict row = scores + g * len;
+        float top = row[0];
+        for (int64_t t = 1; t < len; t++) top = row[t] > top ? row[t] : top;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < len; t++) {
+            row[t] = expf(row[t] - top);
+            sum += row[t];
+        }
+        total[g] = sum;
+    }
+    /* acc[g] = sum_t p[g][t] * v_t */
+    for (int64_t i = 0; i < group * head_size; i++) acc[i] = 0.0f;
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const float *restrict v = p->values + table[start / block_size] * block_stride
+                                  + head_offset;
+        for (int64_t i = 0; i < n; i++, v += token_stride) {
+            for (int64_t g = 0; g < group; g++) {
+                const float w = scores[g * len + start + i];
+                float *restrict a = acc + g * head_size;
+                for (int64_t d = 0; d < head_size; d++) a[d] += w * v[d];
+            }
+        }
+    }
+    float *restrict o = p->out + p->rows[s] * p->out_row_stride + h * group * head_size;
+    for (int64_t g = 0; g < group; g++) {
+        const float inv = 1.0f / total[g];
+        for (int64_t d = 0; d < head_size; d++) o[g * head_size + d] = acc[g * head_size + d] * inv;
+    }
+}
+
+int paged_decode_attention(
+    float *out, int64_t out_row_stride,            /* [rows, num_heads * head_size] */
+    const float *query, int64_t query_row_stride,  /* [rows, num_heads * head_size] */
+    const int64_t *rows,                           /* [num_seqs] query/out row per sequence */
+    const float *cache, int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
+    int64_t head_size, int64_t num_heads,
+    const int32_t *block_table, int64_t block_table_stride, /* [num_seqs, >= blocks used] */
+    const int32_t *seq_lens, int64_t num_seqs, float scale, int num_threads)
+{
+    const int64_t group = num_heads / num_kv_heads;
+    const float *values = cache + num_blocks * block_size * num_kv_heads * head_size;
+    const struct problem p = {out, out_row_stride, query, query_row_stride, rows, cache, values,
+                              block_size, num_kv_heads, group, block_table, block_table_stride,
+                              seq_lens, scale};
+    int64_t max_len = 1;
+    for (int64_t s = 0; s < num_seqs; s++)
+        if (seq_lens[s] > max_len) max_len = seq_lens[s];
+    int failed = 0;
+
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scores = malloc(sizeof(float) * group * max_len);
+        float *acc = malloc(sizeof(float) * group * head_size);
+        float *total = malloc(sizeof(float) * group);
+        if (scores == NULL || acc == NULL || total == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_seqs * num_kv_heads; task++) {
+            if (failed) continue;
+            const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
+            switch (head_size) {
+            case 64: attend(&p, s, h, 64, scores, acc, total); break;
+            case 128: attend(&p, s, h, 128, scores, acc, total); break;
+            default: attend(&p, s, h, head_size, scores, acc, total); break;
+            }
+        }
+        free(scores);
+        free(acc);
+        free(total);
+    }
+    return failed ? -1 : 0;
+}
