@@ -48,6 +48,16 @@ def test_paged_attention_matches_dense(
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("group", [1, 3])
+def test_many_decode_sequences_match_dense(group: int, decode_path: str) -> None:
+    """Enough sequences that the native kernel gives each thread whole sequences."""
+    backend = CpuBackend()
+    shapes = [(n * 7 % 61, 1) for n in range(40)]
+    case = paged_case(backend, shapes, 16, group, 64, seed=group)
+    out = backend.attention(case.query, case.cache, case.batch, case.scale)
+    assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
+
+
 def test_native_decode_only_for_fp32_caches() -> None:
     """A bf16 cache runs the PyTorch path (the kernel is fp32 only) and still matches."""
     backend = CpuBackend()

@@ -2,9 +2,10 @@
  *
  * One query token per sequence. The cache of one layer is
  * [2, num_blocks, block_size, num_kv_heads, head_size], contiguous: keys, then values.
- * Each (sequence, KV head) is one task: its query heads (the GQA group) are scored against
- * every key of the sequence, read through the block table, softmax-ed in fp32, and the values
- * are summed with those weights. Keys and values are read once each, where they lie; the
+ * A task is a sequence (or one KV head of it, when there are too few sequences to keep every
+ * thread busy): its query heads are scored against every key of the sequence, read through
+ * the block table token by token (all KV heads of a token lie together), softmax-ed in fp32,
+ * and the values are summed with those weights. Keys and values are read once each, where they lie; the
  * PyTorch path gathers them into a dense copy first, which triples the memory traffic.
  *
  * Built at run time by native.py (-O3 -march=native -fopenmp) and linked against the OpenMP
@@ -28,35 +29,39 @@ struct problem {
     float scale;
 };
 
-/* One (sequence, KV head). Inlined with a constant head_size for the common sizes, so the
- * compiler unrolls the head dimension and keeps the query and the accumulators in registers. */
+/* KV heads [h0, h1) of sequence s. Inlined with a constant head_size for the common sizes, so
+ * the compiler unrolls the head dimension. */
 static inline __attribute__((always_inline)) void attend(
-    const struct problem *p, int64_t s, int64_t h, const int64_t head_size,
+    const struct problem *p, int64_t s, int64_t h0, int64_t h1, const int64_t head_size,
     float *restrict scores, float *restrict acc, float *restrict total)
 {
     const int64_t group = p->group, len = p->seq_lens[s], block_size = p->block_size;
+    const int64_t rows_per_task = (h1 - h0) * group; /* query heads of this task */
     const int64_t token_stride = p->num_kv_heads * head_size;
     const int64_t block_stride = block_size * token_stride;
     const int32_t *table = p->block_table + s * p->block_table_stride;
-    const float *restrict q = p->query + p->rows[s] * p->query_row_stride + h * group * head_size;
-    const int64_t head_offset = h * head_size;
+    const float *restrict q = p->query + p->rows[s] * p->query_row_stride + h0 * group * head_size;
+    const int64_t head_offset = h0 * head_size;
 
-    /* scores[g][t] = scale * q_g . k_t, block by block */
+    /* scores[r][t] = scale * q_r . k_t, r = query head of the task, t = token */
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
         const float *restrict k = p->keys + table[start / block_size] * block_stride + head_offset;
         for (int64_t i = 0; i < n; i++, k += token_stride) {
-            for (int64_t g = 0; g < group; g++) {
-                const float *restrict qg = q + g * head_size;
-                float dot = 0.0f;
-                for (int64_t d = 0; d < head_size; d++) dot += qg[d] * k[d];
-                scores[g * len + start + i] = dot * p->scale;
+            for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
+                const float *restrict kh = k + h * head_size;
+                for (int64_t g = 0; g < group; g++, r++) {
+                    const float *restrict qr = q + r * head_size;
+                    float dot = 0.0f;
+                    for (int64_t d = 0; d < head_size; d++) dot += qr[d] * kh[d];
+                    scores[r * len + start + i] = dot * p->scale;
+                }
             }
         }
     }
     /* softmax in place; the normaliser is applied at the end */
-    for (int64_t g = 0; g < group; g++) {
-        float *restrict row = scores + g * len;
+    for (int64_t r = 0; r < rows_per_task; r++) {
+        float *restrict row = scores + r * len;
         float top = row[0];
         for (int64_t t = 1; t < len; t++) top = row[t] > top ? row[t] : top;
         float sum = 0.0f;
@@ -64,26 +69,29 @@ static inline __attribute__((always_inline)) void attend(
             row[t] = expf(row[t] - top);
             sum += row[t];
         }
-        total[g] = sum;
+        total[r] = sum;
     }
-    /* acc[g] = sum_t p[g][t] * v_t */
-    for (int64_t i = 0; i < group * head_size; i++) acc[i] = 0.0f;
+    /* acc[r] = sum_t p[r][t] * v_t */
+    for (int64_t i = 0; i < rows_per_task * head_size; i++) acc[i] = 0.0f;
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
         const float *restrict v = p->values + table[start / block_size] * block_stride
                                   + head_offset;
         for (int64_t i = 0; i < n; i++, v += token_stride) {
-            for (int64_t g = 0; g < group; g++) {
-                const float w = scores[g * len + start + i];
-                float *restrict a = acc + g * head_size;
-                for (int64_t d = 0; d < head_size; d++) a[d] += w * v[d];
+            for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
+                const float *restrict vh = v + h * head_size;
+                for (int64_t g = 0; g < group; g++, r++) {
+                    const float w = scores[r * len + start + i];
+                    float *restrict a = acc + r * head_size;
+                    for (int64_t d = 0; d < head_size; d++) a[d] += w * vh[d];
+                }
             }
         }
     }
-    float *restrict o = p->out + p->rows[s] * p->out_row_stride + h * group * head_size;
-    for (int64_t g = 0; g < group; g++) {
-        const float inv = 1.0f / total[g];
-        for (int64_t d = 0; d < head_size; d++) o[g * head_size + d] = acc[g * head_size + d] * inv;
+    float *restrict o = p->out + p->rows[s] * p->out_row_stride + h0 * group * head_size;
+    for (int64_t r = 0; r < rows_per_task; r++) {
+        const float inv = 1.0f / total[r];
+        for (int64_t d = 0; d < head_size; d++) o[r * head_size + d] = acc[r * head_size + d] * inv;
     }
 }
 
@@ -101,6 +109,9 @@ int paged_decode_attention(
     const struct problem p = {out, out_row_stride, query, query_row_stride, rows, cache, values,
                               block_size, num_kv_heads, group, block_table, block_table_stride,
                               seq_lens, scale};
+    /* Whole sequences when there are enough to share out; else one KV head per task. */
+    const int64_t heads_per_task = num_seqs >= 4 * num_threads ? num_kv_heads : 1;
+    const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
     int64_t max_len = 1;
     for (int64_t s = 0; s < num_seqs; s++)
         if (seq_lens[s] > max_len) max_len = seq_lens[s];
@@ -108,21 +119,23 @@ int paged_decode_attention(
 
 #pragma omp parallel num_threads(num_threads)
     {
-        float *scores = malloc(sizeof(float) * group * max_len);
-        float *acc = malloc(sizeof(float) * group * head_size);
-        float *total = malloc(sizeof(float) * group);
+        const int64_t task_rows = heads_per_task * group;
+        float *scores = malloc(sizeof(float) * task_rows * max_len);
+        float *acc = malloc(sizeof(float) * task_rows * head_size);
+        float *total = malloc(sizeof(float) * task_rows);
         if (scores == NULL || acc == NULL || total == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < num_seqs * num_kv_heads; task++) {
+        for (int64_t task = 0; task < num_seqs * tasks_per_seq; task++) {
             if (failed) continue;
-            const int64_t s = task / num_kv_heads, h = task % num_kv_heads;
+            const int64_t s = task / tasks_per_seq;
+            const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
             switch (head_size) {
-            case 64: attend(&p, s, h, 64, scores, acc, total); break;
-            case 128: attend(&p, s, h, 128, scores, acc, total); break;
-            default: attend(&p, s, h, head_size, scores, acc, total); break;
+            case 64: attend(&p, s, h0, h1, 64, scores, acc, total); break;
+            case 128: attend(&p, s, h0, h1, 128, scores, acc, total); break;
+            default: attend(&p, s, h0, h1, head_size, scores, acc, total); break;
             }
         }
         free(scores);
