@@ -1,9 +1,9 @@
 """The CPU backend's native decode-attention kernel: built from ``paged_decode.c`` on first use
 with the machine's C compiler, cached, and called through ctypes.
 
-Plain C, not a torch C++ extension: it compiles in well under a second (a torch extension
-takes about a minute on two cores) and needs no torch headers. It is linked against the
-OpenMP runtime torch already loaded (same soname), so the kernel's threads are torch's threads.
+Plain C, not a torch C++ extension: no torch headers to compile against, so it builds in
+under a second. It is linked against the OpenMP runtime torch already loaded (same soname),
+so the kernel's threads are torch's threads.
 
 Nothing here is required: without a compiler, on a platform other than Linux, or with
 ``CROSSINFER_CPU_NATIVE=0``, :func:`decode_kernel` returns None (``why_unavailable`` says why)
