@@ -5,11 +5,12 @@
  * A task is a sequence (or one KV head of it, when there are too few sequences to keep every
  * thread busy): its query heads are scored against every key of the sequence, read through
  * the block table token by token (all KV heads of a token lie together), softmax-ed in fp32,
- * and the values are summed with those weights. Keys and values are read once each, where they lie; the
- * PyTorch path gathers them into a dense copy first, which triples the memory traffic.
+ * and the values are summed with those weights. Keys and values are read once each, where
+ * they lie; the PyTorch path gathers them into a dense copy first, which triples the memory
+ * traffic.
  *
- * Built at run time by native.py (-O3 -march=native -fopenmp) and linked against the OpenMP
- * runtime torch has already loaded, so both share one thread pool.
+ * Built at run time by native.py (-O3 -ffast-math -march=native -fopenmp) and linked against
+ * the OpenMP runtime torch has already loaded, so both share one thread pool.
  */
 #include <math.h>
 #include <stdint.h>
