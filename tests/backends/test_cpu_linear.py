@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from crossinfer_cpu.linear import PACKED_MAX_ROWS, PACKED_ROWS, CpuLinear, prepare_linears
+from crossinfer_cpu.linear import PACKED_MAX_ROWS, PACKED_ROWS, CpuLinear
+from crossinfer_cpu.prepare import prepare_layers
 
 ROW_COUNTS = [1, 7, PACKED_ROWS // 2 - 1, PACKED_ROWS // 2, PACKED_ROWS - 1, PACKED_ROWS]
 ROW_COUNTS += [PACKED_ROWS + 3, PACKED_ROWS + PACKED_ROWS // 2, 100, PACKED_MAX_ROWS]
@@ -43,10 +44,10 @@ def test_bf16_layer_matches_f_linear() -> None:
     )
 
 
-def test_prepare_linears_replaces_nested_layers_and_keeps_leading_dims() -> None:
+def test_prepare_layers_replaces_nested_linears_and_keeps_leading_dims() -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(nn.ReLU(), nn.Linear(16, 4)))
     x = torch.randn(2, 5, 8)
     expected = model(x)
-    prepare_linears(model)
+    prepare_layers(model)
     assert isinstance(model[0], CpuLinear) and isinstance(model[1][1], CpuLinear)
     assert torch.allclose(model(x), expected, atol=1e-6)

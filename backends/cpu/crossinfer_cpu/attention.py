@@ -33,6 +33,21 @@ def write_kv(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     num_kv_heads, head_size = kv_cache.shape[-2:]
+    lib = native.library()
+    if lib is not None and _native_write_layout(key, value, kv_cache, slot_mapping):
+        lib.write_kv(
+            kv_cache.data_ptr(),
+            kv_cache.shape[1] * kv_cache.shape[2],
+            num_kv_heads * head_size,
+            key.data_ptr(),
+            key.stride(0),
+            value.data_ptr(),
+            value.stride(0),
+            slot_mapping.data_ptr(),
+            slot_mapping.shape[0],
+            torch.get_num_threads(),
+        )
+        return
     kv_cache[0].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, key)
     kv_cache[1].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, value)
 
@@ -147,6 +162,20 @@ def paged_attention(
         else:
             _attend(query, kv_cache, group, scale, out)
     return out
+
+
+def _native_write_layout(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> bool:
+    """fp32 throughout, a contiguous cache, each token's heads contiguous, int64 slots."""
+    head_size = kv_cache.shape[-1]
+    return (
+        key.dtype == value.dtype == kv_cache.dtype == torch.float32
+        and kv_cache.is_contiguous()
+        and slot_mapping.dtype == torch.int64
+        and slot_mapping.is_contiguous()
+        and all(t.stride(2) == 1 and t.stride(1) == head_size for t in (key, value))
+    )
 
 
 def _native_layout(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> bool:

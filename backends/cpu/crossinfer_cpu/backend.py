@@ -18,7 +18,7 @@ from crossinfer.backend import (
 )
 from crossinfer.distributed.communicator import TorchDistributedCommunicator
 from crossinfer_cpu import attention
-from crossinfer_cpu.linear import prepare_linears
+from crossinfer_cpu.prepare import prepare_layers
 
 
 def _read_meminfo() -> dict[str, int]:
@@ -110,11 +110,11 @@ class CpuBackend(Backend):
         return attention.paged_attention(query, kv_cache, planned[1], scale)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Store linear weights transposed (faster GEMMs at decode sizes, see linear.py) and
-        give torch's intra-op pool one thread per core this process may run on (torch's own
-        default counts the machine's physical cores, not the affinity mask)."""
+        """Swap in the CPU's layers (linear.py, pointwise.py; see prepare.py) and give torch's
+        intra-op pool one thread per core this process may run on (torch's own default counts
+        the machine's physical cores, not the affinity mask)."""
         torch.set_num_threads(_usable_cores())
-        return prepare_linears(model)
+        return prepare_layers(model)
 
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")

@@ -74,12 +74,3 @@ class CpuLinear(nn.Module):
         ]
         out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return out[:num_rows]
-
-
-def prepare_linears(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` in place; returns the model."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, CpuLinear(child))
-    return model

@@ -1,13 +1,17 @@
-"""The CPU backend's native decode-attention kernel: built from ``paged_decode.c`` on first use
-with the machine's C compiler, cached, and called through ctypes.
+"""The CPU backend's native kernels: built from its C sources on first use with the machine's C
+compiler, cached, and called through ctypes.
+
+* ``paged_decode.c``: decode attention read in place from the paged cache;
+* ``pointwise.c``: RMSNorm (with the residual add), rotary embedding, SiLU-and-multiply and
+  the KV-cache write, each one pass over memory.
 
 Plain C, not a torch C++ extension: no torch headers to compile against, so it builds in
-under a second. It is linked against the OpenMP runtime torch already loaded (same soname),
-so the kernel's threads are torch's threads.
+about a second. It is linked against the OpenMP runtime torch already loaded (same soname),
+so the kernels' threads are torch's threads.
 
 Nothing here is required: without a compiler, on a platform other than Linux, or with
-``CROSSINFER_CPU_NATIVE=0``, :func:`decode_kernel` returns None (``why_unavailable`` says why)
-and attention runs in PyTorch alone.
+``CROSSINFER_CPU_NATIVE=0``, :func:`library` returns None (``why_unavailable`` says why) and
+everything runs in PyTorch alone.
 """
 
 from __future__ import annotations
@@ -28,13 +32,34 @@ from pathlib import Path
 import torch
 
 NATIVE_ENV = "CROSSINFER_CPU_NATIVE"
-_SOURCE = "paged_decode.c"
+_SOURCES = ("paged_decode.c", "pointwise.c")
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
+
+_I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+# name -> (argument types, return type); every kernel takes the thread count last
+_SIGNATURES: dict[str, tuple[list[type], type | None]] = {
+    "paged_decode_attention": (
+        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR]
+        + [_I64, _F32, _INT],
+        _INT,
+    ),
+    "rms_norm": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _F32, _INT], None),
+    "add_rms_norm": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _F32, _INT], None),
+    "rotary": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _INT], None),
+    "silu_and_mul": ([_PTR, _I64, _PTR, _I64, _I64, _I64, _INT], None),
+    "write_kv": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _INT], None),
+}
+
+
+def library() -> ctypes.CDLL | None:
+    """The built library, its functions typed, or None when it cannot be had."""
+    return _load()[0]
 
 
 def decode_kernel() -> Callable[..., int] | None:
     """The compiled ``paged_decode_attention`` function, or None when it cannot be had."""
-    return _load()[0]
+    lib = library()
+    return None if lib is None else lib.paged_decode_attention
 
 
 def why_unavailable() -> str | None:
@@ -42,7 +67,7 @@ def why_unavailable() -> str | None:
 
 
 @functools.cache
-def _load() -> tuple[Callable[..., int] | None, str | None]:
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return None, f"{NATIVE_ENV}=0"
     if sys.platform != "linux":
@@ -50,35 +75,37 @@ def _load() -> tuple[Callable[..., int] | None, str | None]:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler found (install gcc, or set CC)"
-    source = resources.files("crossinfer_cpu").joinpath(_SOURCE).read_bytes()
+    package = resources.files("crossinfer_cpu")
+    sources = {name: package.joinpath(name).read_bytes() for name in _SOURCES}
     try:
-        library = _build(compiler, source)
-        lib = ctypes.CDLL(str(library))
+        lib = ctypes.CDLL(str(_build(compiler, sources)))
     except (OSError, subprocess.CalledProcessError) as exc:
-        return None, f"could not build the native kernel: {exc}"
-    fn = lib.paged_decode_attention
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, i64]
-    fn.argtypes += [ctypes.c_float, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn, None
+        return None, f"could not build the native kernels: {exc}"
+    for name, (argtypes, restype) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib, None
 
 
-def _build(compiler: str, source: bytes) -> Path:
-    """Compile into the cache (keyed by source, flags, compiler and CPU) unless already there."""
-    key = hashlib.sha256(source)
+def _build(compiler: str, sources: dict[str, bytes]) -> Path:
+    """Compile into the cache (keyed by sources, flags, compiler and CPU) unless already there."""
+    key = hashlib.sha256()
+    for text in sources.values():
+        key.update(text)
     for part in (*_FLAGS, compiler, platform.machine(), _cpu_flags()):
         key.update(part.encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crossinfer"
-    library = cache / f"paged_decode-{key.hexdigest()[:16]}.so"
+    library = cache / f"crossinfer_cpu-{key.hexdigest()[:16]}.so"
     if library.exists():
         return library
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src = Path(tmp) / _SOURCE
-        src.write_bytes(source)
+        paths = []
+        for name, text in sources.items():
+            paths.append(Path(tmp) / name)
+            paths[-1].write_bytes(text)
         built = Path(tmp) / library.name
-        cmd = [compiler, *_FLAGS, str(src), "-o", str(built), "-lm"]
+        cmd = [compiler, *_FLAGS, *map(str, paths), "-o", str(built), "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(built, library)  # atomic: a concurrent build just replaces it
     return library

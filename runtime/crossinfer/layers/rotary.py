@@ -63,3 +63,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate ``x`` ([num_tokens, heads, head_dim]) by the looked-up ``cos`` and ``sin``."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Rotate(torch.nn.Module):
+    """Applies the looked-up rotation to a layer's query and key heads.
+
+    A module, not only a function, so that a backend can replace it in ``prepare_model`` with
+    one that rotates in place; callers use the returned tensor and do not read ``x`` again.
+    """
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(x, cos, sin)

@@ -12,13 +12,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from crossinfer.backend import AttentionBatch, Backend
+from crossinfer.layers.activation import SiluAndMul
 from crossinfer.layers.norm import RMSNorm
-from crossinfer.layers.rotary import RotaryEmbedding, apply_rotary
+from crossinfer.layers.rotary import RotaryEmbedding, Rotate
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
+        self.rotate = Rotate()
 
     def forward(
         self,
@@ -91,7 +92,7 @@ class LlamaAttention(nn.Module):
         # [num_tokens, num_heads + 2 * num_kv_heads, head_dim]: q heads, then k, then v
         qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
         num_qk = self.num_heads + self.num_kv_heads
-        qk = apply_rotary(qkv[:, :num_qk], *rope)  # q and k rotate in one pass
+        qk = self.rotate(qkv[:, :num_qk], *rope)  # q and k rotate in one pass
         q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, num_qk:]
         self.backend.write_kv(k, v, kv_cache, batch.slot_mapping)
         out = self.backend.attention(q, kv_cache, batch, self.scale)
@@ -101,17 +102,14 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
-        self.intermediate_size = args.intermediate_size
         self.gate_up_proj = nn.Linear(
             args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias
         )
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        # In place on the projection's output: no new [tokens, intermediate] tensors, which on
-        # a CPU are fresh pages to fault in at every prefill chunk.
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -126,11 +124,19 @@ class LlamaDecoderLayer(nn.Module):
         self,
         rope: Rope,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, batch)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried beside the layer's output and added at the next norm
+        (``residual`` is None at the first layer): one fused add-and-norm per sublayer."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, kv_cache, batch)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 # checkpoint suffix -> (fused parameter suffix, shard index)
@@ -186,9 +192,12 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden]."""
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(rope, hidden, kv_cache, batch)
-        return self.norm(hidden)
+            hidden, residual = layer(rope, hidden, residual, kv_cache, batch)
+        if residual is None:  # a model without layers
+            return self.norm(hidden)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_rows, hidden] -> [num_rows, vocab] in fp32."""
