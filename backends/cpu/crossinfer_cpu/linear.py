@@ -42,6 +42,9 @@ class CpuLinear(nn.Module):
         weight = linear.weight.detach()
         self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)
         self.bias = linear.bias
+        # ``[out, in]`` again, as a view: MKL's packed GEMM wants the original weight beside
+        # the packed one. Made once here rather than at every call.
+        self._weight = self.weight_t.t()
         self.packed: torch.Tensor | None = None
         if mkl_packing_available(weight.dtype):
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACKED_ROWS)
@@ -62,6 +65,8 @@ class CpuLinear(nn.Module):
 
     def _packed_gemm(self, rows: torch.Tensor) -> torch.Tensor:
         num_rows = rows.shape[0]
+        if num_rows == PACKED_ROWS:  # one whole chunk, the common decode case
+            return torch.ops.mkl._mkl_linear(rows, self.packed, self._weight, self.bias, num_rows)
         remainder = num_rows % PACKED_ROWS
         if 0 < remainder < PACKED_ROWS // 2:  # too short to be worth padding
             head = self._packed_gemm(rows[: num_rows - remainder])
@@ -69,7 +74,7 @@ class CpuLinear(nn.Module):
         if remainder:
             rows = F.pad(rows, (0, 0, 0, PACKED_ROWS - remainder))
         chunks = [
-            torch.ops.mkl._mkl_linear(chunk, self.packed, self.weight_t.t(), self.bias, PACKED_ROWS)
+            torch.ops.mkl._mkl_linear(chunk, self.packed, self._weight, self.bias, PACKED_ROWS)
             for chunk in rows.split(PACKED_ROWS)
         ]
         out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)

@@ -46,7 +46,7 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "rms_norm": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _F32, _INT], None),
     "add_rms_norm": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _F32, _INT], None),
     "rotary": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _INT], None),
-    "silu_and_mul": ([_PTR, _I64, _PTR, _I64, _I64, _I64, _INT], None),
+    "silu_and_mul": ([_PTR, _PTR, _I64, _I64, _I64, _INT], None),
     "write_kv": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _INT], None),
 }
 

@@ -82,15 +82,15 @@ void rotary(float *x, int64_t token_stride, int64_t num_heads, int64_t head_size
 }
 
 /* out[r][i] = silu(x[r][i]) * x[r][inter + i]: the gate and up halves of one projection.
- * out may be x itself (the result then takes the gate's place). */
-void silu_and_mul(float *out, int64_t out_stride, const float *x, int64_t x_stride,
-                  int64_t rows, int64_t inter, int num_threads)
+ * out is [rows, inter], contiguous. */
+void silu_and_mul(float *out, const float *x, int64_t x_stride, int64_t rows, int64_t inter,
+                  int num_threads)
 {
 #pragma omp parallel for num_threads(threads_for(rows * inter, num_threads)) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *gate = x + r * x_stride;
-        const float *up = gate + inter;
-        float *o = out + r * out_stride;
+        const float *restrict gate = x + r * x_stride;
+        const float *restrict up = gate + inter;
+        float *restrict o = out + r * inter;
         for (int64_t i = 0; i < inter; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
     }
 }
