@@ -16,7 +16,7 @@ from crossinfer_cpu.linear import CpuLinear
 from crossinfer_cpu.pointwise import CpuRMSNorm, CpuRotate, CpuSiluAndMul
 from crossinfer_cpu.prepare import prepare_layers
 
-# Decode-sized rows run on one thread; 300 x 576 is enough elements to split over threads.
+# One row and 7 rows of 576 run on one thread; 32 and 300 rows are split over the threads.
 ROWS = [1, 7, 32, 300]
 
 

@@ -13,7 +13,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MIN_ELEMENTS_PER_THREAD (1 << 15)
+/* At 32 decode rows of SmolLM2-135M, norm + SiLU + rotary + KV write took 12.7 ms per step
+ * with 4096 here and 15.8 ms with 32768 (one run each): the SiLU and norms then use both
+ * cores. */
+#define MIN_ELEMENTS_PER_THREAD (1 << 12)
 
 static int threads_for(int64_t elements, int num_threads)
 {
