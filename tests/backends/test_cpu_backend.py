@@ -18,22 +18,12 @@ from tests.backends.paged_case import assert_copy_blocks_copies_every_layer, pag
 SHAPES = [(0, 19), (37, 6), (50, 1), (1, 1)]
 
 
-@pytest.fixture(params=["native", "pytorch"])
-def decode_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with the native decode kernel, then with PyTorch alone."""
-    if request.param == "native" and native.decode_kernel() is None:
-        pytest.skip(f"native decode kernel unavailable: {native.why_unavailable()}")
-    if request.param == "pytorch":
-        monkeypatch.setattr(native, "decode_kernel", lambda: None)
-    return str(request.param)
-
-
 @pytest.mark.parametrize(
     "block_size,group,head_size",
     list(itertools.product([1, 16, 32], [1, 3, 4], [64, 80, 128])),
 )
 def test_paged_attention_matches_dense(
-    block_size: int, group: int, head_size: int, decode_path: str
+    block_size: int, group: int, head_size: int, cpu_kernels: str
 ) -> None:
     backend = CpuBackend()
     shapes = [*SHAPES, (block_size * 2, 1)]
@@ -43,13 +33,13 @@ def test_paged_attention_matches_dense(
     planned = backend._planned
     assert planned is not None
     decode_group = next(g for g in planned[1].groups if g.rows.shape[1] == 1)
-    assert (decode_group.native is not None) == (decode_path == "native")
+    assert (decode_group.native is not None) == (cpu_kernels == "native")
     assert out.shape == (sum(n for _, n in shapes), 2 * group, head_size)
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("group", [1, 3])
-def test_many_decode_sequences_match_dense(group: int, decode_path: str) -> None:
+def test_many_decode_sequences_match_dense(group: int, cpu_kernels: str) -> None:
     """Enough sequences that the native kernel gives each thread whole sequences."""
     backend = CpuBackend()
     shapes = [(n * 7 % 61, 1) for n in range(40)]

@@ -11,7 +11,7 @@ from crossinfer.layers.activation import SiluAndMul
 from crossinfer.layers.norm import RMSNorm
 from crossinfer.layers.rotary import RotaryEmbedding, Rotate
 from crossinfer.models.llama import LlamaForCausalLM
-from crossinfer_cpu import CpuBackend, native
+from crossinfer_cpu import CpuBackend, attention, native
 from crossinfer_cpu.linear import CpuLinear
 from crossinfer_cpu.pointwise import CpuRMSNorm, CpuRotate, CpuSiluAndMul
 from crossinfer_cpu.prepare import prepare_layers
@@ -107,17 +107,8 @@ def test_silu_and_mul_falls_back_for_bf16(lib) -> None:
     assert torch.equal(CpuSiluAndMul(lib)(x.clone()), SiluAndMul()(x.clone()))
 
 
-@pytest.fixture(params=["native", "pytorch"])
-def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "native" and native.library() is None:
-        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
-    if request.param == "pytorch":
-        monkeypatch.setattr(native, "library", lambda: None)
-    return str(request.param)
-
-
 @pytest.mark.parametrize("tokens", [3, 300])
-def test_write_kv_from_a_fused_projection(write_path: str, tokens: int) -> None:
+def test_write_kv_from_a_fused_projection(cpu_kernels: str, tokens: int) -> None:
     """Keys and values as the model passes them: views into the q/k/v projection's output."""
     backend = CpuBackend()
     (cache,) = backend.allocate_kv_cache(KVCacheSpec(1, 2, 64, 16, torch.float32), 40)
@@ -125,6 +116,7 @@ def test_write_kv_from_a_fused_projection(write_path: str, tokens: int) -> None:
     qkv = torch.randn(tokens, 6 + 2 + 2, 64)
     key, value = qkv[:, 6:8], qkv[:, 8:]
     slots = torch.randperm(40 * 16, generator=torch.Generator().manual_seed(tokens))[:tokens]
+    assert attention._native_write_layout(key, value, cache, slots)  # native when it is built
     backend.write_kv(key, value, cache, slots)
     got_k, got_v = backend.read_kv(cache, slots)
     assert torch.equal(got_k, key) and torch.equal(got_v, value)

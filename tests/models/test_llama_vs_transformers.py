@@ -57,14 +57,19 @@ STEPS = [
 ]
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["reference-layers", "cpu-layers"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_match_transformers(name: str) -> None:
+def test_logits_match_transformers(name: str, prepared: bool) -> None:
+    """With the model's own layers, and with those the CPU backend swaps in (packed linear
+    layers; native norm, rotary and activation where the native kernels could be built)."""
     config = CONFIGS[name]()
     torch.manual_seed(0)
     reference = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     backend = CpuBackend()
     model = build_model(config, backend, torch.float32)
     model.load_weights(reference.state_dict().items())
+    if prepared:
+        model = backend.prepare_model(model)
 
     gen = torch.Generator().manual_seed(1)
     sequences = {
