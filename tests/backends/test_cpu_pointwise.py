@@ -116,7 +116,7 @@ def test_write_kv_from_a_fused_projection(cpu_kernels: str, tokens: int) -> None
     qkv = torch.randn(tokens, 6 + 2 + 2, 64)
     key, value = qkv[:, 6:8], qkv[:, 8:]
     slots = torch.randperm(40 * 16, generator=torch.Generator().manual_seed(tokens))[:tokens]
-    assert attention._native_write_layout(key, value, cache, slots)  # native when it is built
+    assert attention._native_layout(cache, key, value)  # so native whenever it is built
     backend.write_kv(key, value, cache, slots)
     got_k, got_v = backend.read_kv(cache, slots)
     assert torch.equal(got_k, key) and torch.equal(got_v, value)

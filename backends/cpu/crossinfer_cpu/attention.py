@@ -34,7 +34,8 @@ def write_kv(
 ) -> None:
     num_kv_heads, head_size = kv_cache.shape[-2:]
     lib = native.library()
-    if lib is not None and _native_write_layout(key, value, kv_cache, slot_mapping):
+    native_slots = slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    if lib is not None and native_slots and _native_layout(kv_cache, key, value):
         lib.write_kv(
             kv_cache.data_ptr(),
             kv_cache.shape[1] * kv_cache.shape[2],
@@ -137,7 +138,7 @@ def _group(
     blocks = block_table.flatten()
     kv_rows = torch.cat((blocks, blocks + num_cache_blocks))
     native_inputs = None
-    if max_query == 1 and native.decode_kernel() is not None:
+    if max_query == 1 and native.library() is not None:
         native_inputs = _NativeDecode(
             rows[:, 0].contiguous(),
             block_table.to(torch.int32).contiguous(),
@@ -154,7 +155,7 @@ def paged_attention(
 ) -> torch.Tensor:
     out = torch.empty_like(query)
     for group in attention_plan.groups:
-        if group.native is not None and _native_layout(query, kv_cache, out):
+        if group.native is not None and _native_layout(kv_cache, query, out):
             inputs = group.native
             native.paged_decode_attention(
                 out, query, inputs.rows, kv_cache, inputs.block_table, inputs.seq_lens, scale
@@ -164,27 +165,17 @@ def paged_attention(
     return out
 
 
-def _native_write_layout(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> bool:
-    """fp32 throughout, a contiguous cache, each token's heads contiguous, int64 slots."""
+def _native_layout(kv_cache: torch.Tensor, *per_token: torch.Tensor) -> bool:
+    """The native kernels' layout: fp32 throughout, a contiguous cache, and each token's heads
+    contiguous in every ``[tokens, heads, head_size]`` tensor (the token stride may be any)."""
     head_size = kv_cache.shape[-1]
     return (
-        key.dtype == value.dtype == kv_cache.dtype == torch.float32
+        kv_cache.dtype == torch.float32
         and kv_cache.is_contiguous()
-        and slot_mapping.dtype == torch.int64
-        and slot_mapping.is_contiguous()
-        and all(t.stride(2) == 1 and t.stride(1) == head_size for t in (key, value))
-    )
-
-
-def _native_layout(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> bool:
-    """The native kernel's layout: fp32, each row's heads contiguous, a contiguous cache."""
-    head_size = query.shape[2]
-    return (
-        query.dtype == kv_cache.dtype == out.dtype == torch.float32
-        and kv_cache.is_contiguous()
-        and all(t.stride(2) == 1 and t.stride(1) == head_size for t in (query, out))
+        and all(
+            t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == head_size
+            for t in per_token
+        )
     )
 
 

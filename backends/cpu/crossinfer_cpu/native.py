@@ -25,7 +25,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -54,12 +53,6 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
 def library() -> ctypes.CDLL | None:
     """The built library, its functions typed, or None when it cannot be had."""
     return _load()[0]
-
-
-def decode_kernel() -> Callable[..., int] | None:
-    """The compiled ``paged_decode_attention`` function, or None when it cannot be had."""
-    lib = library()
-    return None if lib is None else lib.paged_decode_attention
 
 
 def why_unavailable() -> str | None:
@@ -134,10 +127,10 @@ def paged_decode_attention(
     kv_cache: [2, blocks, block_size, kv_heads, head_size] fp32, contiguous;
     block_table: int32 [seqs, blocks], rows contiguous; seq_lens: int32 [seqs].
     """
-    kernel = decode_kernel()
-    assert kernel is not None, why_unavailable()
+    lib = library()
+    assert lib is not None, why_unavailable()
     _, num_blocks, block_size, num_kv_heads, head_size = kv_cache.shape
-    status = kernel(
+    status = lib.paged_decode_attention(
         out.data_ptr(),
         out.stride(0),
         query.data_ptr(),
