@@ -48,6 +48,18 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="reuse the KV blocks of shared prompt prefixes (default: on)",
     )
+    parser.add_argument(
+        "--prefix-cache-seed",
+        default=None,
+        help="seed the prefix-cache block hashes so they are the same in every process "
+        "(default: a random seed per process, so they cannot be predicted)",
+    )
+    parser.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="most logprobs (and prompt logprobs) a request may ask for (default 20)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -65,5 +77,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory=args.kv_cache_memory,
         memory_utilization=args.memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching,
+        prefix_cache_seed=args.prefix_cache_seed,
+        max_logprobs=args.max_logprobs,
         seed=args.seed,
     )

@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+from crossinfer.engine.errors import RequestFailedError
 from crossinfer.engine.llm_engine import LLMEngine
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.setup import EngineConfig, LoadedModel
@@ -43,7 +44,8 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids) together; outputs in prompt order."""
+        """Generate for every prompt (text or token ids) together; outputs in prompt order.
+        Raises RequestFailedError, after the others finished, if a request failed."""
         prompt_list = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             param_list = [params or SamplingParams()] * len(prompt_list)
@@ -59,7 +61,11 @@ class LLM:
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
-        return [finished[i] for i in ids]
+        outputs = [finished[i] for i in ids]
+        for output in outputs:
+            if output.error is not None:
+                raise RequestFailedError(output.request_id, output.error)
+        return outputs
 
     def chat(
         self,

@@ -67,11 +67,33 @@ def test_refusals_raise_and_leave_nothing_behind(engine: AsyncLLMEngine) -> None
         asyncio.run(add([1, 10**7]))
     engine.max_waiting = 0
     try:
-        with pytest.raises(EngineOverloadedError, match="limit 0"):
+        with pytest.raises(ValueError, match="more than the 0 that may ever wait"):
             asyncio.run(add("Hello"))
     finally:
         engine.max_waiting = 512
     _wait_idle(engine)
+
+
+def test_a_full_waiting_queue_refuses_with_overloaded(smollm2_loaded: LoadedModel) -> None:
+    # One running slot: the first request runs, the second waits, the third finds it full.
+    config = EngineConfig(device="cpu", max_model_len=256, kv_cache_memory=32 << 20, max_num_seqs=1)
+    engine = AsyncLLMEngine.from_config(config, smollm2_loaded, max_waiting=1)
+    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def run() -> None:
+        first = await engine.add_requests([GenerateRequest("a", "Hello", long)])
+        await anext(first)  # running now
+        second = await engine.add_requests([GenerateRequest("b", "Hello", long)])
+        with pytest.raises(EngineOverloadedError, match="limit 1"):
+            await engine.add_requests([GenerateRequest("c", "Hello", long)])
+        first.close()
+        second.close()
+
+    try:
+        asyncio.run(run())
+        _wait_idle(engine)
+    finally:
+        engine.shutdown()
 
 
 def test_a_batch_is_accepted_whole_or_not_at_all(engine: AsyncLLMEngine) -> None:

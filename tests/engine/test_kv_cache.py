@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
+from array import array
 from collections import Counter
 
 import pytest
 
-from crossinfer.engine.kv_cache import CachedPrefix, KVCacheManager
+from crossinfer.engine.kv_cache import CachedPrefix, KVCacheManager, hash_block_tokens, root_hash
 
 BLOCK_SIZE = 4
 
@@ -38,7 +40,9 @@ def snapshot(kv: KVCacheManager, request_ids: list[str]) -> tuple[object, ...]:
     )
 
 
-def admit(kv: KVCacheManager, rid: str, tokens: list[int], extra_key: object = None) -> list[int]:
+def admit(
+    kv: KVCacheManager, rid: str, tokens: list[int], extra_key: str | None = None
+) -> list[int]:
     """Admit a request with its whole prompt in one step, reusing any cached prefix."""
     cached = kv.find_cached_prefix(tokens, extra_key)
     block_ids = kv.allocate(rid, tokens, len(tokens), cached, extra_key)
@@ -113,6 +117,40 @@ def test_extra_key_separates_identical_tokens() -> None:
     assert kv.find_cached_prefix(toks(9), extra_key="adapter-2") == CachedPrefix((), 0)
     assert kv.find_cached_prefix(toks(9), extra_key="adapter-1") == CachedPrefix((0, 1), 8)
     assert admit(kv, "b", toks(9)) == [3, 4, 5]
+
+
+def test_block_hashes_are_sha256_chained_from_the_root() -> None:
+    kv = KVCacheManager(8, BLOCK_SIZE, hash_seed=b"seed")
+    admit(kv, "a", toks(9))
+    root = root_hash(b"seed")
+    first = hashlib.sha256(root + array("q", toks(4)).tobytes()).digest()
+    second = hashlib.sha256(first + array("q", toks(4, 4)).tobytes()).digest()
+    assert kv.pool.block_hash(0) == first == hash_block_tokens(root, toks(4))
+    assert kv.pool.block_hash(1) == second
+    assert kv.pool.block_hash(2) is None  # the partial third block
+
+
+def test_block_hashes_are_random_per_manager_unless_seeded() -> None:
+    def first_hash(kv: KVCacheManager) -> bytes | None:
+        admit(kv, "a", toks(5))
+        return kv.pool.block_hash(0)
+
+    unseeded = {first_hash(make()) for _ in range(3)}
+    assert len(unseeded) == 3  # a random root each time: not predictable from outside
+    seeded = {first_hash(KVCacheManager(8, BLOCK_SIZE, hash_seed=b"s")) for _ in range(2)}
+    assert len(seeded) == 1
+    assert first_hash(KVCacheManager(8, BLOCK_SIZE, hash_seed=b"t")) not in seeded
+
+
+def test_a_cache_salt_changes_every_block_hash() -> None:
+    kv = make()
+    admit(kv, "a", toks(9), extra_key="tenant-1")
+    admit(kv, "b", toks(9), extra_key="tenant-2")
+    salted_a = [kv.pool.block_hash(b) for b in kv.block_ids("a")[:2]]
+    # Tenant 2's full blocks have other hashes (its duplicates stay unregistered: new ids).
+    assert kv.block_ids("b") == [3, 4, 5]
+    assert kv.find_cached_prefix(toks(9), "tenant-2") == CachedPrefix((3, 4), 8)
+    assert None not in salted_a and kv.first_parent("tenant-1") != kv.first_parent("tenant-2")
 
 
 def test_disabled_prefix_caching_never_hits_or_hashes() -> None:

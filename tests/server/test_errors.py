@@ -19,6 +19,16 @@ pytestmark = pytest.mark.slow
 API_KEY = "s3cret-key"
 
 
+def assert_tgi_error(r: httpx.Response, status: int, error_type: str) -> str:
+    """TGI's error shape: {"error": message, "error_type": kind}."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "error_type"}
+    assert isinstance(body["error"], str) and body["error"]
+    assert body["error_type"] == error_type
+    return body["error"]  # type: ignore[no-any-return]
+
+
 def assert_error(
     r: httpx.Response, status: int, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -59,7 +69,7 @@ def test_invalid_parameters_are_400(base_url: str, body: dict[str, Any], param: 
 
 def test_prompt_longer_than_the_context_is_400(base_url: str) -> None:
     error = assert_error(_complete(base_url, prompt="word " * 600, max_tokens=4), 400, "prompt")
-    assert str(MAX_MODEL_LEN) in error["message"]
+    assert str(MAX_MODEL_LEN - 1) in error["message"]
     ids = {"prompt": [1, 99_999_999], "max_tokens": 2}
     assert_error(_complete(base_url, **ids), 400, "prompt")
     messages = [{"role": "user", "content": "word " * 600}]
@@ -81,10 +91,13 @@ def test_chat_errors_name_the_chat_parameters(base_url: str) -> None:
 
 def test_malformed_json_is_400(base_url: str) -> None:
     headers = {"content-type": "application/json"}
-    for path in ("/v1/completions", "/v1/chat/completions", "/generate", "/tokenize"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
         r = httpx.post(base_url + path, content=b'{"prompt": "hi",', headers=headers)
         error = assert_error(r, 400)
         assert "JSON" in error["message"]
+    for path in ("/generate", "/generate_stream"):  # TGI answers invalid input with 422
+        r = httpx.post(base_url + path, content=b'{"inputs": "hi",', headers=headers)
+        assert "JSON" in assert_tgi_error(r, 422, "validation")
 
 
 def test_unknown_model_and_route_are_404(base_url: str) -> None:
@@ -109,15 +122,33 @@ def test_oversized_body_is_413(base_url: str) -> None:
     assert_error(r, 413, code="request_too_large")
 
 
-def test_full_waiting_queue_is_503_with_retry_after(base_url: str, server_engine: Any) -> None:
-    server_engine.max_waiting = 0
+def test_full_waiting_queue_is_503_with_retry_after(smollm2_loaded: Any) -> None:
+    from crossinfer.engine.async_engine import AsyncLLMEngine
+    from crossinfer.engine.setup import EngineConfig
+    from crossinfer.server.app import build_app
+    from crossinfer.server.context import ServerSettings
+
+    # One running slot and one waiting place: the first runs, the second waits, the third
+    # finds the queue full.
+    config = EngineConfig(
+        device="cpu", max_model_len=MAX_MODEL_LEN, kv_cache_memory=32 << 20, max_num_seqs=1
+    )
+    engine = AsyncLLMEngine.from_config(config, smollm2_loaded, max_waiting=1)
+    app = build_app(engine, ServerSettings(served_model_name=MODEL))
+    long = {"model": MODEL, "prompt": "hi", "max_tokens": 300, "ignore_eos": True, "stream": True}
     try:
-        r = _complete(base_url, prompt="hi", max_tokens=2)
+        with serve_in_thread(app) as url, httpx.Client(timeout=60) as client:
+            with client.stream("POST", url + "/v1/completions", json=long) as first:
+                lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+                next(lines)  # running
+                with client.stream("POST", url + "/v1/completions", json=long) as second:
+                    assert second.status_code == 200  # accepted, waiting
+                    r = _complete(url, prompt="hi", max_tokens=2)
+                    assert_error(r, 503, code="server_overloaded")
+                    assert r.headers["retry-after"] == "1"
+            assert _complete(url, prompt="hi", max_tokens=2).status_code == 200
     finally:
-        server_engine.max_waiting = 512
-    assert_error(r, 503, code="server_overloaded")
-    assert r.headers["retry-after"] == "1"
-    assert _complete(base_url, prompt="hi", max_tokens=2).status_code == 200
+        engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +168,7 @@ def test_api_key(keyed_url: str) -> None:
     assert_error(httpx.get(models, headers={"Authorization": "Bearer wrong"}), 401)
     assert_error(httpx.get(models, headers={"Authorization": API_KEY}), 401)  # no scheme
     r = httpx.post(keyed_url + "/generate", json={"inputs": "hi"})
-    assert_error(r, 401)
+    assert_tgi_error(r, 401, "authentication")
     assert httpx.get(models, headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
     assert httpx.get(keyed_url + "/health").status_code == 200  # probes need no key
     assert httpx.get(keyed_url + "/metrics").status_code == 200

@@ -11,11 +11,13 @@ work and no commands the thread blocks on the condition, so an idle server costs
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from crossinfer.engine.errors import EngineFatalError, RequestError
 from crossinfer.engine.llm_engine import LLMEngine
 from crossinfer.engine.output_stream import Observer, OutputStream, StreamItem
 from crossinfer.engine.outputs import RequestOutput
@@ -24,22 +26,27 @@ from crossinfer.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
 
+logger = logging.getLogger("crossinfer.engine")
+
 
 class EngineOverloadedError(RuntimeError):
     """The waiting queue is full: the request was refused, and may be retried later."""
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped (shut down, or a step raised); no request can run."""
+    """The engine thread stopped (shut down, or its shared state broke); no request can run."""
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One prompt to add: the engine tokenises text prompts itself."""
+    """One prompt to add. Text is tokenised by the engine thread; a server tokenises on its
+    own threads and passes token ids (with the text, for outputs that echo it)."""
 
     request_id: str
     prompt: Prompt
     params: SamplingParams
+    prompt_text: str | None = None  # the text of token-id prompts, if any
+    cache_salt: str | None = None  # see LLMEngine.add_request
 
 
 @dataclass(frozen=True)
@@ -84,12 +91,22 @@ class AsyncLLMEngine:
 
     ``add_requests`` waits until the engine thread has accepted (or refused) a batch of
     prompts and returns an :class:`OutputStream`; ``generate`` is the one-prompt shorthand.
-    Refusals raise ``ValueError`` (the request can never run: too long, bad token ids) or
-    :class:`EngineOverloadedError` (more than ``max_waiting`` sequences already wait).
+    Refusals raise ``ValueError`` (the request can never run: too long, bad token ids, more
+    sequences than may ever wait) or :class:`EngineOverloadedError` (more than
+    ``max_waiting`` sequences already wait). A request that fails inside the engine ends its
+    stream with ``RequestFailedError``; the others go on. If the engine itself breaks, every
+    stream gets :class:`EngineDeadError`, ``on_stop`` is called with the cause (a server
+    exits on it, so that its supervisor restarts it) and ``stop_reason`` says why.
     """
 
-    def __init__(self, engine: LLMEngine, max_waiting: int = 512) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_waiting: int = 512,
+        on_stop: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.engine = engine
+        self.on_stop = on_stop
         self.max_waiting = max_waiting
         """Sequences that may wait for admission before new requests are refused; read by
         the engine thread on each add, so it may be changed while running."""
@@ -135,6 +152,17 @@ class AsyncLLMEngine:
         return self._error is None and not self._stopping
 
     @property
+    def stop_reason(self) -> str | None:
+        """Why the engine stopped (a line for /health and the log), or None while it runs."""
+        # Shown to anyone (/health needs no key): only our own messages, never exception text.
+        error = self._error
+        if isinstance(error, EngineDeadError | EngineFatalError):
+            return str(error)
+        if error is not None:
+            return f"the engine failed ({type(error).__name__}); see the server log"
+        return "the engine was shut down" if self._stopping else None
+
+    @property
     def tokenizer(self) -> Any:  # a transformers tokenizer, with the chat template
         return self.engine.tokenizer
 
@@ -159,7 +187,7 @@ class AsyncLLMEngine:
         with self._cond:
             # Checked under the lock that _fail takes, so no add is posted after the drain.
             if self._error is not None or self._stopping:
-                raise EngineDeadError(f"the engine is not running ({self._error or 'shut down'})")
+                raise EngineDeadError(f"the engine is not running: {self.stop_reason}")
             self._commands.append(_Add(requests, sink, accepted))
             self._cond.notify()
         try:
@@ -207,9 +235,12 @@ class AsyncLLMEngine:
                     self._deliver(outputs)
                 self._stats = self._snapshot()
             error: BaseException = EngineDeadError("the engine was shut down")
-        except BaseException as exc:  # a failed step must reach every waiter
+        except BaseException as exc:  # shared state broke: every waiter must hear of it
+            logger.critical("the engine stopped", exc_info=exc)
             error = exc
         self._fail(error)
+        if self.on_stop is not None and not isinstance(error, EngineDeadError):
+            self.on_stop(error)
 
     def _apply(self, commands: list[_Command]) -> None:
         for command in commands:
@@ -226,20 +257,35 @@ class AsyncLLMEngine:
 
     def _try_add(self, add: _Add) -> Exception | None:
         waiting = len(self.engine.scheduler.waiting)
-        if waiting + len(add.requests) > self.max_waiting:
+        num_seqs = sum(r.params.n for r in add.requests)
+        if num_seqs > self.max_waiting:
+            return ValueError(
+                f"the request asks for {num_seqs} sequences (prompts x n), more than the "
+                f"{self.max_waiting} that may ever wait for admission"
+            )
+        if waiting + num_seqs > self.max_waiting:
             return EngineOverloadedError(
-                f"the server is busy: {waiting} requests are already waiting (limit "
+                f"the server is busy: {waiting} sequences are already waiting (limit "
                 f"{self.max_waiting}); retry later"
             )
         added: list[str] = []
         try:
             for request in add.requests:
-                self.engine.add_request(request.request_id, request.prompt, request.params)
+                self.engine.add_request(
+                    request.request_id,
+                    request.prompt,
+                    request.params,
+                    prompt_text=request.prompt_text,
+                    cache_salt=request.cache_salt,
+                )
                 added.append(request.request_id)
-        except ValueError as exc:
+        except Exception as exc:  # a refusal (ValueError), or a failure of this request alone
             for request_id in added:
                 self.engine.abort_request(request_id)
-            return exc
+            if isinstance(exc, ValueError):
+                return exc
+            logger.error("adding request %s failed", add.requests[0].request_id, exc_info=exc)
+            return RequestError("internal error while adding the request; see the server log")
         for request_id in added:
             self._sinks[request_id] = add.sink
         return None
@@ -279,12 +325,12 @@ class AsyncLLMEngine:
         with self._cond:
             self._error = error
             pending, self._commands = self._commands, []
+        dead = EngineDeadError(f"the engine stopped: {self.stop_reason}")
         for add in pending:
             if isinstance(add, _Add):
-                dead = EngineDeadError(f"the engine stopped: {error}")
                 _post(add.sink.loop, _resolve, add.accepted, dead)
         for sink in {id(s): s for s in self._sinks.values()}.values():
-            _post(sink.loop, sink.queue.put_nowait, error)
+            _post(sink.loop, sink.queue.put_nowait, dead)
         self._sinks.clear()
 
     def _snapshot(self) -> EngineStats:

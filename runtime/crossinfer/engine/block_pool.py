@@ -1,7 +1,7 @@
 """The pool of KV-cache blocks: reference counts, an LRU free list and the prefix-hash index.
 
 This is the low layer under `kv_cache.KVCacheManager`. It knows nothing about requests or
-tokens: blocks are integers, hashes are opaque integers. The manager decides what to hash and
+tokens: blocks are integers, hashes are opaque byte strings. The manager decides what to hash and
 when; the pool keeps the three structures consistent:
 
 - ``ref_count(b)``: how many requests hold block ``b``. A block is free when this is 0.
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+BlockHash = bytes  # a digest identifying a full block's content and everything before it
+
 
 class BlockPool:
     """A fixed set of ``num_blocks`` KV-cache blocks with reference counts and lazy eviction."""
@@ -26,8 +28,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
         # Hash each block is registered under in `_block_by_hash`, or None when it is not.
-        self._hashes: list[int | None] = [None] * num_blocks
-        self._block_by_hash: dict[int, int] = {}
+        self._hashes: list[BlockHash | None] = [None] * num_blocks
+        self._block_by_hash: dict[BlockHash, int] = {}
         # An OrderedDict keyed by block id is a doubly linked list with O(1) removal by key:
         # popitem(last=False) takes the least recently freed block, `del` revives one from the
         # middle, and assignment appends a newly freed block at the most recent end.
@@ -48,7 +50,7 @@ class BlockPool:
         """How many holders block ``block_id`` has."""
         return self._ref_counts[block_id]
 
-    def block_hash(self, block_id: int) -> int | None:
+    def block_hash(self, block_id: int) -> BlockHash | None:
         """The hash ``block_id`` is registered under, or None."""
         return self._hashes[block_id]
 
@@ -56,7 +58,7 @@ class BlockPool:
         """Free blocks in eviction order: the first is the next one `take_free` hands out."""
         return list(self._free)
 
-    def lookup(self, block_hash: int) -> int | None:
+    def lookup(self, block_hash: BlockHash) -> int | None:
         """The block registered under ``block_hash`` (in use or free), or None. Pure."""
         return self._block_by_hash.get(block_hash)
 
@@ -90,7 +92,7 @@ class BlockPool:
         if self._ref_counts[block_id] == 0:
             self._free[block_id] = None
 
-    def register(self, block_id: int, block_hash: int) -> bool:
+    def register(self, block_id: int, block_hash: BlockHash) -> bool:
         """Make ``block_id`` findable under ``block_hash``; False (nothing changes) when it is
         already registered or another block already holds that hash (the duplicate stays
         uncached so that the existing mapping keeps working)."""

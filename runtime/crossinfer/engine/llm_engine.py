@@ -2,48 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from crossinfer.engine.detokenizer import IncrementalDetokenizer
-from crossinfer.engine.outputs import CompletionOutput, RequestMetricsOutput, RequestOutput
+from crossinfer.engine.errors import RequestError, public_message
+from crossinfer.engine.groups import RequestGroup, Sample
+from crossinfer.engine.isolation import execute_isolating
+from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.request import Request, RequestStatus
+from crossinfer.engine.runner import StepResult
 from crossinfer.engine.sampler import SampledToken, make_generator
-from crossinfer.engine.scheduler import Scheduler, SchedulerOutput
+from crossinfer.engine.scheduler import ScheduledChunk, Scheduler
 from crossinfer.engine.setup import EngineConfig, EngineParts, LoadedModel, build_engine_parts
 from crossinfer.sampling_params import SamplingParams
 
+logger = logging.getLogger("crossinfer.engine")
 
-class _Sample:
-    """One of a request group's samples: the request plus its text state."""
-
-    def __init__(self, request: Request, detokenizer: IncrementalDetokenizer) -> None:
-        self.request = request
-        self.detokenizer = detokenizer
-        self.logprobs: list[SampledToken] = []
-        self.delta = ""
-        self.num_new_tokens = 0
-
-
-class _Group:
-    """The ``n`` samples of one user request."""
-
-    def __init__(self, request_id: str, prompt: str | None, params: SamplingParams) -> None:
-        self.request_id = request_id
-        self.prompt = prompt
-        self.params = params
-        self.samples: list[_Sample] = []
-
-    @property
-    def finished(self) -> bool:
-        return len(self.samples) == self.params.n and all(s.request.finished for s in self.samples)
+_SEED_MODULUS = 2**64  # torch generators take seeds in [0, 2^64); children count up from it
 
 
 class LLMEngine:
     """Continuous batching over one model on one backend.
 
     ``add_request`` queues work, ``step`` runs one forward pass and returns the outputs of the
-    requests it advanced; ``abort_request`` ends a request and frees its blocks.
+    requests it advanced; ``abort_request`` ends a request and frees its blocks. A request that
+    fails inside a step ends with ``RequestOutput.error`` set; the others are unaffected.
     """
 
     def __init__(self, parts: EngineParts) -> None:
@@ -52,8 +38,9 @@ class LLMEngine:
         self.tokenizer = parts.loaded.tokenizer
         self.scheduler: Scheduler = parts.scheduler
         self.runner = parts.runner
-        self._groups: dict[str, _Group] = {}
-        self._samples: dict[str, tuple[_Group, _Sample]] = {}
+        self.vocab_size = self.runner.model.args.vocab_size
+        self._groups: dict[str, RequestGroup] = {}
+        self._samples: dict[str, tuple[RequestGroup, Sample]] = {}
         self.num_steps = 0
 
     @classmethod
@@ -67,22 +54,24 @@ class LLMEngine:
         request_id: str,
         prompt: str | Sequence[int],
         params: SamplingParams,
+        *,
+        prompt_text: str | None = None,
+        cache_salt: str | None = None,
     ) -> None:
-        """Queue a request. Raises ValueError (with the reason) when it can never run."""
+        """Queue a request. Raises ValueError (with the reason) when it can never run.
+
+        ``prompt`` is text (tokenised here) or token ids; with token ids, ``prompt_text`` is
+        the text they came from, if any (outputs carry it). ``cache_salt`` keeps the
+        request's prefix-cache blocks apart from those of requests with another salt.
+        """
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
-            text: str | None = prompt
+            prompt_text = prompt
             prompt_ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
         else:
-            text, prompt_ids = None, list(prompt)
-        self._check_token_ids(prompt_ids)
-        max_len = self.parts.max_model_len
-        max_tokens = params.max_tokens or max(max_len - len(prompt_ids), 1)
-        reason = self.scheduler.check_fits(len(prompt_ids), max_tokens)
-        if reason is not None:
-            raise ValueError(reason)
-
+            prompt_ids = list(prompt)
+        max_tokens = self._check(prompt_ids, params)
         seed = params.seed
         request = Request(
             request_id=request_id,
@@ -90,36 +79,62 @@ class LLMEngine:
             params=params,
             max_tokens=max_tokens,
             eos_token_ids=self.parts.loaded.eos_token_ids,
-            generator=make_generator(seed),
+            generator=make_generator(None if seed is None else seed % _SEED_MODULUS),
             child_generators=[
-                make_generator(None if seed is None else seed + i) for i in range(1, params.n)
+                make_generator(None if seed is None else (seed + i) % _SEED_MODULUS)
+                for i in range(1, params.n)
             ],
+            cache_salt=cache_salt,
         )
-        group = _Group(request_id, text, params)
+        group = RequestGroup(request_id, prompt_text, params)
         self._groups[request_id] = group
         self._track(group, request)
         self.scheduler.add(request)
 
-    def _check_token_ids(self, prompt_ids: list[int]) -> None:
-        vocab = self.runner.model.args.vocab_size
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Refuse what the model cannot do; returns the request's max_tokens."""
+        vocab = self.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.token_ids_used if t >= vocab]
+        if bad:
+            field = "stop_token_ids" if bad[0] in params.stop_token_ids else "logit_bias"
+            raise ValueError(f"{field} {bad[:5]} are outside the vocabulary [0, {vocab})")
+        limit = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} must be at most {limit} (--max-logprobs), got {value}")
+        max_len = self.parts.max_model_len
+        room = max_len - len(prompt_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(room, 1)
+        reason = self.scheduler.check_fits(len(prompt_ids), max_tokens)
+        if reason is not None:
+            raise ValueError(reason)
+        if params.min_tokens > max_tokens:  # max_tokens was "the rest of the context"
+            raise ValueError(
+                f"min_tokens {params.min_tokens} does not fit: {len(prompt_ids)} prompt tokens "
+                f"leave {room} of the maximum context length {max_len}"
+            )
+        return max_tokens
 
-    def _track(self, group: _Group, request: Request) -> None:
+    def _track(self, group: RequestGroup, request: Request) -> None:
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.params)
-        sample = _Sample(request, detok)
+        sample = Sample(request, detok)
         group.samples.append(sample)
         self._samples[request.request_id] = (group, sample)
 
     def abort_request(self, request_id: str) -> None:
         """End a request and all its samples; frees their blocks. Unknown ids are ignored."""
         group = self._groups.pop(request_id, None)
-        if group is None:
-            return
+        if group is not None:
+            self._end_group(group, RequestStatus.FINISHED_ABORTED)
+
+    def _end_group(self, group: RequestGroup, status: RequestStatus) -> None:
         for sample in group.samples:
             if not sample.request.finished:
-                self.scheduler.finish(sample.request, RequestStatus.FINISHED_ABORTED)
+                self.scheduler.finish(sample.request, status)
             self._samples.pop(sample.request.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -131,43 +146,68 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward pass. Returns the outputs of every request group it advanced."""
+        """One forward pass. Returns the outputs of every request group it advanced or ended."""
         output = self.scheduler.schedule()
-        sampled = self.runner.execute(output)
-        self.scheduler.advance(output)
+        result, failures = execute_isolating(self.runner, output)
+        failures += [(request.request_id, error) for request, error in output.failed]
+        failures += [(rid, _no_finite_logit()) for rid in result.unsampleable]
+        failed = {rid for rid, _ in failures}
+        done = tuple(c for c in output.chunks if c.request.request_id not in failed)
+        self.scheduler.advance(replace(output, chunks=done))
         self.num_steps += 1
-        touched = self._apply_samples(output, sampled)
-        results = [self._output(group) for group in touched]
-        for group in touched:
-            for sample in group.samples:
-                sample.delta, sample.num_new_tokens = "", 0
+        touched: dict[str, RequestGroup] = {}
+        for chunk in done:
+            try:
+                self._apply(chunk, result, touched)
+            except Exception as exc:  # detokenising, stop checks: this request's own state
+                failures.append((chunk.request.request_id, exc))
+        for request_id, error in failures:
+            group = self._fail(request_id, error)
+            if group is not None:
+                touched[group.request_id] = group
+        results = [group.output() for group in touched.values()]
+        for group in touched.values():
             if group.finished:
                 self._groups.pop(group.request_id, None)
                 for sample in group.samples:
                     self._samples.pop(sample.request.request_id, None)
         return results
 
-    def _apply_samples(
-        self, output: SchedulerOutput, sampled: list[list[SampledToken]]
-    ) -> list[_Group]:
-        touched: dict[str, _Group] = {}
-        now = time.monotonic()
-        chunks = [c for c in output.chunks if c.samples]
-        for chunk, tokens in zip(chunks, sampled, strict=True):
-            request = chunk.request
-            group, sample = self._samples[request.request_id]
-            touched[group.request_id] = group
-            forks = tokens[1:]
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            # Fork before the parent's own token can finish it and free the shared blocks.
-            for index, token in enumerate(forks, start=1):
-                self._fork(group, request, index, token)
-            request.child_generators = []
-            self._append(sample, tokens[0])
-        return list(touched.values())
+    def _apply(
+        self, chunk: ScheduledChunk, result: StepResult, touched: dict[str, RequestGroup]
+    ) -> None:
+        request = chunk.request
+        group, sample = self._samples[request.request_id]
+        scores = result.prompt_scores.get(request.request_id)
+        if scores is not None:
+            group.add_prompt_scores(scores)
+        tokens = result.sampled.get(request.request_id)
+        if tokens is None:  # a prompt chunk that does not reach the end yet
+            return
+        touched[group.request_id] = group
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = time.monotonic()
+        if request.max_tokens == 0:  # the prompt alone was asked for (its logprobs)
+            self.scheduler.finish(request, RequestStatus.FINISHED_LENGTH)
+            return
+        # Fork before the parent's own token can finish it and free the shared blocks.
+        for index, token in enumerate(tokens[1:], start=1):
+            self._fork(group, request, index, token)
+        request.child_generators = []
+        self._append(sample, tokens[0])
 
-    def _fork(self, group: _Group, parent: Request, index: int, token: SampledToken) -> None:
+    def _fail(self, request_id: str, error: BaseException) -> RequestGroup | None:
+        """End the group of a failed request with an error; the traceback goes to the log."""
+        entry = self._samples.get(request_id)
+        if entry is None:
+            return None
+        group = entry[0]
+        logger.error("request %s failed", group.request_id, exc_info=error)
+        group.error = public_message(error, group.request_id)
+        self._end_group(group, RequestStatus.FINISHED_ERROR)
+        return group
+
+    def _fork(self, group: RequestGroup, parent: Request, index: int, token: SampledToken) -> None:
         child = Request(
             request_id=f"{parent.request_id}#{index}",
             prompt_token_ids=parent.prompt_token_ids,
@@ -177,6 +217,7 @@ class LLMEngine:
             generator=parent.child_generators[index - 1],
             parent_id=parent.request_id,
             index=index,
+            cache_salt=parent.cache_salt,
         )
         child.metrics.first_token_time = parent.metrics.first_token_time
         child.num_cached_tokens = parent.num_cached_tokens
@@ -193,7 +234,7 @@ class LLMEngine:
             self.scheduler.add_running(child, copies)
         self._append(sample, token)
 
-    def _append(self, sample: _Sample, token: SampledToken) -> None:
+    def _append(self, sample: Sample, token: SampledToken) -> None:
         """Add one sampled token; finish the request when a stop condition holds."""
         request = sample.request
         request.token_ids.append(token.token_id)
@@ -224,35 +265,9 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
-    def _output(self, group: _Group) -> RequestOutput:
-        first = group.samples[0].request
-        completions = tuple(
-            CompletionOutput(
-                index=s.request.index,
-                text=s.detokenizer.text,
-                token_ids=tuple(s.request.output_token_ids),
-                delta=s.delta,
-                num_new_tokens=s.num_new_tokens,
-                logprobs=tuple(s.logprobs) if group.params.logprobs is not None else None,
-                finish_reason=s.request.status.value if s.request.finished else None,
-                stop_reason=s.request.stop_reason,
-            )
-            for s in group.samples
-        )
-        metrics = first.metrics
-        generated = sum(s.request.num_output_tokens for s in group.samples)
-        return RequestOutput(
-            request_id=group.request_id,
-            prompt=group.prompt,
-            prompt_token_ids=tuple(first.prompt_token_ids),
-            outputs=completions,
-            finished=group.finished,
-            metrics=RequestMetricsOutput(
-                arrival_time=metrics.arrival_time,
-                time_to_first_token=metrics.time_to_first_token,
-                time_per_output_token=metrics.time_per_output_token(first.num_output_tokens),
-                num_prompt_tokens=first.num_prompt_tokens,
-                num_cached_tokens=first.num_cached_tokens,
-                num_generated_tokens=generated,
-            ),
-        )
+
+def _no_finite_logit() -> RequestError:
+    return RequestError(
+        "the model's next-token logits had no finite value to sample from (NaN, or every "
+        "token banned)"
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
+from crossinfer.engine.errors import RequestFailedError
 from crossinfer.engine.outputs import RequestOutput
 
 # What the engine thread hands to a stream: an output, or the error that stopped the engine.
@@ -17,7 +18,8 @@ Observer = Callable[[RequestOutput], None]
 class OutputStream:
     """The outputs of one batch of requests, in the order the engine produced them.
 
-    Iteration ends once every request has finished. Closing the stream before that (or leaving
+    Iteration ends once every request has finished; a request that failed inside the engine
+    raises ``RequestFailedError`` (and the stream ends). Closing the stream before that (or leaving
     its ``async with`` block) aborts the unfinished requests, which frees their KV blocks;
     call ``close`` in a ``finally`` so a cancelled consumer (a client that went away) does not
     leave work running.
@@ -50,6 +52,10 @@ class OutputStream:
         if isinstance(item, BaseException):
             self._unfinished.clear()
             raise item
+        if item.error is not None:
+            self._unfinished.discard(item.request_id)
+            self.close()  # the batch failed with it: abort its other requests
+            raise RequestFailedError(item.request_id, item.error)
         if item.finished:
             self._unfinished.discard(item.request_id)
         if self._observer is not None:

@@ -23,7 +23,7 @@ class CompletionOutput:
     logprobs: tuple[SampledToken, ...] | None
     """Per generated token, when the request asked for logprobs."""
     finish_reason: str | None
-    """None while running; "stop", "length" or "abort" once finished."""
+    """None while running; "stop", "length", "abort" or "error" once finished."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the sample, if any."""
 
@@ -46,3 +46,8 @@ class RequestOutput:
     outputs: tuple[CompletionOutput, ...]
     finished: bool
     metrics: RequestMetricsOutput
+    prompt_logprobs: tuple[SampledToken | None, ...] | None = None
+    """Per prompt token when asked for (``prompt_logprobs``): its logprob, rank and the best
+    alternatives; the first token's is None. Complete once the first token is sampled."""
+    error: str | None = None
+    """Why the request failed inside the engine (a message fit for its client), or None."""

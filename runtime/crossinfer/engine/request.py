@@ -17,6 +17,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # failed inside the engine; the others went on
 
     @property
     def finished(self) -> bool:
@@ -67,6 +68,9 @@ class Request:
     """The request this one was forked from (n > 1), or None."""
     index: int = 0
     """Which of the parent's ``n`` samples this is."""
+    cache_salt: str | None = None
+    """Mixed into the prefix-cache hashes: requests share cached blocks only under the same
+    salt (vLLM's ``cache_salt``; a tenant's own namespace)."""
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0

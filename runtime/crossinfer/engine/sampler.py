@@ -3,14 +3,17 @@
 Order of operations (vLLM / HF semantics):
 
 1. min_tokens: EOS and ``stop_token_ids`` are banned (-inf) while a row is shorter than
-   ``params.min_tokens``;
+   ``params.min_tokens``; ``logit_bias`` is added;
 2. penalties (engine/penalties.py): repetition over prompt + output, presence / frequency
    over the output;
-3. greedy rows take the argmax; the others are divided by their temperature, truncated by
+3. a row left without a finite logit (the model produced NaN, or every token is banned)
+   cannot be sampled: ``SamplingError`` names such rows before any random draw, so the
+   caller can fail their requests and sample the others unchanged;
+4. greedy rows take the argmax; the others are divided by their temperature, truncated by
    top-k, then top-p (renormalised over the top-k survivors), then min-p, and sampled
    (engine/random_sampling.py).
 
-Logprobs are the log-softmax of the logits after steps 1-2 and before step 3: they describe
+Logprobs are the log-softmax of the logits after steps 1-2 and before step 4: they describe
 the distribution the request asked for (penalties included), independent of temperature and
 truncation, so greedy and sampled requests report comparable numbers.
 
@@ -44,11 +47,21 @@ class SamplingRow:
 
 @dataclass(frozen=True)
 class SampledToken:
-    """The token chosen for one row, with logprobs when the request asked for them."""
+    """The token chosen for one row, with logprobs when the request asked for them. Also a
+    prompt token with its logprob (prompt logprobs), where the token was given, not chosen."""
 
     token_id: int
     logprob: float | None  # of token_id; None unless params.logprobs is not None
     top_logprobs: tuple[tuple[int, float], ...]  # (token id, logprob), best first
+    rank: int | None = None  # 1 + tokens more likely than token_id; prompt tokens only
+
+
+class SamplingError(ValueError):
+    """Rows of a step's logits that no token can be drawn from (no finite logit)."""
+
+    def __init__(self, rows: Sequence[int]) -> None:
+        super().__init__(f"rows {list(rows)} have no finite logit to sample from")
+        self.rows = tuple(rows)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -74,10 +87,24 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledTok
     if not rows:
         return []
     bans = _min_tokens_bans(rows)
-    if not bans and all(r.params.greedy and not r.params.has_penalties for r in rows):
-        return _outputs(logits, logits.argmax(dim=-1), rows)
+    if not bans and all(_plain_greedy(r.params) for r in rows):
+        best, token_ids = logits.max(dim=-1)  # NaN propagates into the max
+        _check_finite(best)
+        return _outputs(logits, token_ids, rows)
     processed = _process(logits, rows, bans)  # [num_rows, vocab] fp32
+    _check_finite(processed.amax(dim=-1))
     return _outputs(processed, _choose(processed, rows), rows)
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    return params.greedy and not params.has_penalties and not params.logit_bias
+
+
+def _check_finite(row_max: torch.Tensor) -> None:
+    """Raise SamplingError for rows whose best logit is -inf or NaN. # row_max: [num_rows]"""
+    bad = (~torch.isfinite(row_max)).nonzero().flatten().tolist()
+    if bad:
+        raise SamplingError(bad)
 
 
 def _min_tokens_bans(rows: Sequence[SamplingRow]) -> list[tuple[int, list[int]]]:
@@ -98,15 +125,22 @@ def _min_tokens_bans(rows: Sequence[SamplingRow]) -> list[tuple[int, list[int]]]
 def _process(
     logits: torch.Tensor, rows: Sequence[SamplingRow], bans: list[tuple[int, list[int]]]
 ) -> torch.Tensor:
-    """fp32 logits after min_tokens bans and penalties; a copy when either applies."""
+    """fp32 logits after min_tokens bans, logit bias and penalties; a copy when any applies."""
     penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
-    if not bans and not penalised:
+    biased = [(i, r.params.bias_pairs) for i, r in enumerate(rows) if r.params.logit_bias]
+    if not bans and not penalised and not biased:
         return logits.float()  # no copy when already fp32
     logits = logits.to(torch.float32, copy=True)
+    vocab, device = logits.shape[1], logits.device
     if bans:
-        vocab = logits.shape[1]
         positions = [i * vocab + t for i, ids in bans for t in ids]
-        logits.view(-1).index_fill_(0, torch.tensor(positions, device=logits.device), -math.inf)
+        logits.view(-1).index_fill_(0, torch.tensor(positions, device=device), -math.inf)
+    if biased:
+        positions = [i * vocab + t for i, pairs in biased for t, _ in pairs]
+        values = [b for _, pairs in biased for _, b in pairs]
+        logits.view(-1).index_add_(
+            0, torch.tensor(positions, device=device), torch.tensor(values, device=device)
+        )
     if penalised:
         apply_penalties_(
             logits,

@@ -17,8 +17,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from crossinfer.engine.kv_cache import KVCacheManager
+from crossinfer.engine.kv_cache import CachedPrefix, KVCacheManager
 from crossinfer.engine.request import Request, RequestStatus
+
+_NO_PREFIX = CachedPrefix((), 0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class SchedulerOutput:
     """(src, dst) block copies to run before the forward pass (copy-on-share for n > 1)."""
     preempted: tuple[str, ...]
     """Requests preempted in this step, to be recomputed later."""
+    failed: tuple[tuple[Request, BaseException], ...] = ()
+    """Requests whose scheduling raised: finished with an error, their blocks freed."""
 
     @property
     def num_tokens(self) -> int:
@@ -89,8 +93,9 @@ class Scheduler:
                 f"{num_prompt_tokens} prompt tokens and asks for {max_tokens} more"
             )
         size = self.kv_cache.block_size
-        # The last sampled token is never computed, so it takes no slot.
-        needed = -(-(num_prompt_tokens + max_tokens - 1) // size)
+        # The last sampled token is never computed, so it takes no slot; every prompt token is.
+        num_slots = max(num_prompt_tokens + max_tokens - 1, num_prompt_tokens)
+        needed = -(-num_slots // size)
         if needed > self.kv_cache.num_blocks:
             return (
                 f"the request needs {needed} KV-cache blocks of {size} tokens but the cache has "
@@ -118,32 +123,43 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
-        scheduled_ids: set[str] = set()
+        failed: list[tuple[Request, BaseException]] = []
 
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            block_ids = self._allocate_or_preempt(request, num_new, preempted)
+            try:
+                block_ids = self._allocate_or_preempt(request, num_new, preempted)
+            except Exception as exc:  # this request's bookkeeping failed: drop it alone
+                self._fail(request, exc, failed)
+                continue
             if block_ids is None:  # the request itself was preempted
                 break
             chunks.append(self._chunk(request, num_new, block_ids))
-            scheduled_ids.add(request.request_id)
             budget -= num_new
             index += 1
 
         if not preempted:
-            budget = self._admit_waiting(budget, chunks)
+            budget = self._admit_waiting(budget, chunks, failed)
 
         copies, self._pending_copies = tuple(self._pending_copies), []
-        return SchedulerOutput(tuple(chunks), copies, tuple(preempted))
+        return SchedulerOutput(tuple(chunks), copies, tuple(preempted), tuple(failed))
+
+    def _fail(
+        self, request: Request, error: BaseException, failed: list[tuple[Request, BaseException]]
+    ) -> None:
+        self.finish(request, RequestStatus.FINISHED_ERROR)
+        failed.append((request, error))
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, preempted: list[str]
     ) -> list[int] | None:
         target = request.num_computed_tokens + num_new
         while True:
-            block_ids = self.kv_cache.allocate(request.request_id, request.token_ids, target)
+            block_ids = self.kv_cache.allocate(
+                request.request_id, request.token_ids, target, extra_key=request.cache_salt
+            )
             if block_ids is not None:
                 return block_ids
             victim = self.running.pop()  # the newest running request
@@ -160,14 +176,27 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+    def _admit_waiting(
+        self,
+        budget: int,
+        chunks: list[ScheduledChunk],
+        failed: list[tuple[Request, BaseException]],
+    ) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached = self.kv_cache.find_cached_prefix(request.token_ids)
-            num_new = min(request.num_tokens - cached.num_tokens, budget)
-            block_ids = self.kv_cache.allocate(
-                request.request_id, request.token_ids, cached.num_tokens + num_new, cached
-            )
+            try:
+                cached = self._cached_prefix(request)
+                num_new = min(request.num_tokens - cached.num_tokens, budget)
+                block_ids = self.kv_cache.allocate(
+                    request.request_id,
+                    request.token_ids,
+                    cached.num_tokens + num_new,
+                    cached,
+                    extra_key=request.cache_salt,
+                )
+            except Exception as exc:  # this request's bookkeeping failed: drop it alone
+                self._fail(request, exc, failed)
+                continue
             if block_ids is None:
                 break
             self.waiting.popleft()
@@ -181,6 +210,13 @@ class Scheduler:
             chunks.append(self._chunk(request, num_new, block_ids))
             budget -= num_new
         return budget
+
+    def _cached_prefix(self, request: Request) -> CachedPrefix:
+        # Prompt logprobs need every prompt position's logits, so such a request computes its
+        # whole prompt (it still registers its blocks for others).
+        if request.params.prompt_logprobs is not None:
+            return _NO_PREFIX
+        return self.kv_cache.find_cached_prefix(request.token_ids, request.cache_salt)
 
     @staticmethod
     def _chunk(request: Request, num_new: int, block_ids: list[int]) -> ScheduledChunk:

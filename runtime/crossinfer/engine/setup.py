@@ -49,6 +49,11 @@ class EngineConfig:
     memory_utilization: float | None = None
     """Fraction of device memory the engine may fill (weights already loaded count)."""
     enable_prefix_caching: bool = True
+    prefix_cache_seed: str | None = None
+    """Seeds the prefix-cache block hashes, making them the same in every process; None (the
+    default) draws a random per-process seed, so they cannot be predicted from outside."""
+    max_logprobs: int = 20
+    """Most ``logprobs`` / ``prompt_logprobs`` a request may ask for (vLLM's --max-logprobs)."""
     seed: int = 0
 
 
@@ -125,7 +130,18 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         block_size,
         num_blocks * spec.bytes_per_block / 2**20,
     )
-    kv_manager = KVCacheManager(num_blocks, block_size, config.enable_prefix_caching)
+    if not 0 <= config.max_logprobs <= args.vocab_size:
+        raise ValueError(
+            f"--max-logprobs {config.max_logprobs} must lie in [0, {args.vocab_size}] (the "
+            "vocabulary)"
+        )
+    seed = config.prefix_cache_seed
+    kv_manager = KVCacheManager(
+        num_blocks,
+        block_size,
+        config.enable_prefix_caching,
+        hash_seed=None if seed is None else seed.encode(),
+    )
     scheduler_config = SchedulerConfig(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,

@@ -15,6 +15,10 @@ from crossinfer.server.errors import APIError, install_error_handlers
 from crossinfer.server.guards import RequestGuard
 from crossinfer.server.metrics import CONTENT_TYPE, ServerMetrics
 from crossinfer.server.openai_routes import openai_router
+from crossinfer.server.openapi import install_openapi
+from crossinfer.server.params import ParamsBuilder
+from crossinfer.server.prompts import PromptService
+from crossinfer.server.protocol import ErrorResponse, HealthResponse
 from crossinfer.server.tgi_routes import tgi_router
 from crossinfer.server.tokenize_routes import tokenize_router
 
@@ -22,13 +26,26 @@ from crossinfer.server.tokenize_routes import tokenize_router
 def _system_router(ctx: ServerContext) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health", responses={503: {"description": "the engine has stopped"}})
-    async def health() -> Response:
+    @router.get(
+        "/health",
+        response_model=HealthResponse,
+        responses={503: {"model": ErrorResponse, "description": "the engine has stopped, and why"}},
+    )
+    async def health() -> HealthResponse:
         if not ctx.engine.is_healthy:
-            raise APIError(503, "the engine has stopped", code="engine_dead")
-        return Response(status_code=200)
+            raise APIError(503, ctx.engine.stop_reason or "the engine stopped", code="engine_dead")
+        return HealthResponse()
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus metrics in the text exposition format",
+                "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -38,11 +55,16 @@ def _system_router(ctx: ServerContext) -> APIRouter:
 def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     """An app serving ``engine``. The app starts the engine thread; its owner (``crossinfer
     serve``, or a test) shuts the engine down, so several apps may share one engine."""
+    limits = settings.limits.resolve(engine.max_model_len)
+    vocab_size = engine.engine.vocab_size
+    max_logprobs = engine.engine.config.max_logprobs
+    prompts = PromptService(engine.tokenizer, vocab_size, limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
+        prompts.close()
 
     app = FastAPI(
         title="crossinfer",
@@ -51,11 +73,24 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         lifespan=lifespan,
     )
     metrics = ServerMetrics(engine.stats, settings.served_model_name)
-    ctx = ServerContext(engine=engine, settings=settings, metrics=metrics, created=now())
+    ctx = ServerContext(
+        engine=engine,
+        settings=settings,
+        limits=limits,
+        metrics=metrics,
+        params=ParamsBuilder(limits, max_logprobs),
+        prompts=prompts,
+        created=now(),
+    )
     install_error_handlers(app)
     app.add_middleware(
-        RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes
+        RequestGuard,
+        api_key=settings.api_key,
+        max_body_bytes=settings.max_body_bytes,
+        max_concurrent=limits.max_concurrent_requests,
+        retry_after_s=settings.retry_after_s,
     )
     for router in (openai_router, tokenize_router, tgi_router, _system_router):
         app.include_router(router(ctx))
+    install_openapi(app, limits, vocab_size, max_logprobs)
     return app

@@ -1,5 +1,6 @@
-"""What every route needs: the engine, the settings, the metrics, and the shared steps of
-handling a generation request (model check, submission, waiting with disconnect detection)."""
+"""What every route needs: the engine, the settings, the limits, the metrics, the prompt and
+parameter builders, and the shared steps of handling a generation request (model check,
+submission, waiting with disconnect detection)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from crossinfer.engine.async_engine import (
     EngineOverloadedError,
     GenerateRequest,
     OutputStream,
-    Prompt,
 )
+from crossinfer.engine.errors import RequestError, RequestFailedError
 from crossinfer.engine.outputs import RequestOutput
-from crossinfer.sampling_params import SamplingParams
-from crossinfer.server.errors import APIError, bad_request
+from crossinfer.server.errors import APIError, bad_request, stream_error
+from crossinfer.server.limits import ServerLimits
 from crossinfer.server.metrics import ServerMetrics
+from crossinfer.server.params import ParamsBuilder
+from crossinfer.server.prompts import PromptService
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class ServerSettings:
     model_path: str | None = None  # shown as the model card's ``root``
     api_key: str | None = None  # None: no authentication
     max_body_bytes: int = 1 << 20
-    retry_after_s: int = 1  # the Retry-After of a 503 when the waiting queue is full
+    retry_after_s: int = 1  # the Retry-After of a 429 / 503 when the server is full
+    limits: ServerLimits = ServerLimits()
 
 
 class ClientDisconnected(Exception):
@@ -47,7 +51,10 @@ class ServerContext:
 
     engine: AsyncLLMEngine
     settings: ServerSettings
+    limits: ServerLimits  # resolved against the model
     metrics: ServerMetrics
+    params: ParamsBuilder
+    prompts: PromptService
     created: int  # when the server started (the model card's ``created``)
 
     @property
@@ -65,22 +72,15 @@ class ServerContext:
                 code="model_not_found",
             )
 
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
     async def submit(
-        self,
-        prefix: str,
-        prompts: Sequence[Prompt],
-        params: SamplingParams,
-        param_names: dict[str, str] | None = None,
-    ) -> tuple[str, OutputStream]:
-        """Add one engine request per prompt; returns the response id and the output stream.
-        Refusals become 400 (naming the parameter), or 503 with Retry-After when full."""
-        response_id = f"{prefix}-{uuid.uuid4().hex}"
-        ids = (
-            [response_id]
-            if len(prompts) == 1
-            else [f"{response_id}-{i}" for i in range(len(prompts))]
-        )
-        requests = [GenerateRequest(i, p, params) for i, p in zip(ids, prompts, strict=True)]
+        self, requests: Sequence[GenerateRequest], param_names: dict[str, str] | None = None
+    ) -> OutputStream:
+        """Add the requests together; returns their output stream. Refusals become 400
+        (naming the parameter), or 503 with Retry-After when full."""
         try:
             stream = await self.engine.add_requests(requests, self.metrics.timer())
         except EngineOverloadedError as exc:
@@ -92,7 +92,9 @@ class ServerContext:
             raise APIError(503, str(exc), code="engine_dead") from exc
         except ValueError as exc:
             raise bad_request(exc, param_names) from exc
-        return response_id, stream
+        except RequestError as exc:  # failed inside the engine while adding: logged there
+            raise APIError(500, str(exc), code="internal_error") from exc
+        return stream
 
     async def collect(self, stream: OutputStream, request: Request) -> list[RequestOutput]:
         """The final output of each of the stream's requests, in order. If the client
@@ -111,6 +113,8 @@ class ServerContext:
             if not work.done():
                 raise ClientDisconnected
             work.result()  # raises what the engine raised
+        except (RequestFailedError, EngineDeadError) as exc:
+            raise stream_error(exc) from exc
         finally:
             gone.cancel()
             work.cancel()

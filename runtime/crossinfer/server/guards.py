@@ -1,4 +1,5 @@
-"""Checks that run before any route: the API key and the body size.
+"""Checks that run before any route: the API key, the body size, and how many generation
+requests are in flight.
 
 A plain ASGI middleware rather than Starlette's BaseHTTPMiddleware, which buffers streamed
 responses and hides client disconnects from them.
@@ -15,28 +16,61 @@ from crossinfer.server.errors import APIError, error_response
 
 # Probes and scrapers do not carry the key; everything else (the whole API) needs it.
 OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs", "/redoc"})
+# The routes that generate: each holds one of --max-concurrent-requests until it answers.
+GENERATION_PATHS = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream"}
+)
 
 
 class RequestGuard:
     """401 without ``Authorization: Bearer <api_key>`` (when a key is set; compared in
     constant time); 413 when the body is over ``max_body_bytes``, known from Content-Length
-    up front or counted while the body is read (chunked uploads)."""
+    up front or counted while the body is read (chunked uploads); 429 with Retry-After when
+    ``max_concurrent`` generation requests are already in flight (a stream counts until it
+    ends)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        max_body_bytes: int,
+        max_concurrent: int = 128,
+        retry_after_s: int = 1,
+    ) -> None:
         self.app = app
         self._key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.max_concurrent = max_concurrent
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0  # event loop only
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        path = scope["path"]
         error = self._check_key(scope, headers) or self._check_length(headers)
+        counted = path in GENERATION_PATHS and error is None
+        if counted and self.in_flight >= self.max_concurrent:
+            error = APIError(
+                429,
+                f"{self.in_flight} generation requests are in flight, the limit of this "
+                "server (--max-concurrent-requests); retry later",
+                code="too_many_requests",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
         if error is not None:
-            await error_response(error)(scope, receive, send)
+            await error_response(error, path)(scope, receive, send)
             return
-        await self.app(scope, self._limited(receive), send)
+        if not counted:
+            await self.app(scope, self._limited(receive), send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, self._limited(receive), send)
+        finally:
+            self.in_flight -= 1
 
     def _check_key(self, scope: Scope, headers: Headers) -> APIError | None:
         if self._key is None or scope["path"] in OPEN_PATHS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -9,18 +11,12 @@ from crossinfer.engine.outputs import RequestOutput
 from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.context import ClientDisconnected, ServerContext, now
 from crossinfer.server.errors import ERROR_RESPONSES
-from crossinfer.server.params import (
-    chat_params,
-    completion_params,
-    completion_prompts,
-    render_chat,
-)
+from crossinfer.server.prompts import Names
 from crossinfer.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
-    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -28,11 +24,12 @@ from crossinfer.server.protocol import (
     StreamOptions,
 )
 from crossinfer.server.responses import (
+    ChoiceSpec,
     TokenText,
     chat_logprobs,
-    completion_logprobs,
-    prompt_text,
+    completion_choice,
     usage,
+    vllm_prompt_logprobs,
 )
 from crossinfer.server.streaming import MEDIA_TYPE, StreamSpec, chat_events, completion_events
 
@@ -40,26 +37,40 @@ from crossinfer.server.streaming import MEDIA_TYPE, StreamSpec, chat_events, com
 _CLIENT_CLOSED = 499
 
 
+def _json_or_events(model: type, description: str) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a route that answers JSON, or server-sent events with ``stream: true``."""
+    return {
+        **ERROR_RESPONSES,
+        200: {
+            "model": model,
+            "description": f"{description}; with stream: true, server-sent events of chunks "
+            "and a last `data: [DONE]`",
+            "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/SSEEvent"}}},
+        },
+    }
+
+
 def openai_router(ctx: ServerContext) -> APIRouter:
     """The OpenAI-compatible routes, closed over the server's context."""
-    router = APIRouter(responses=ERROR_RESPONSES)
+    router = APIRouter()
     tokens = TokenText(ctx.tokenizer)
 
     def stream_spec(
-        response_id: str, params: SamplingParams, options: StreamOptions | None, echo: bool = False
+        response_id: str,
+        params: SamplingParams,
+        options: StreamOptions | None,
+        choice: ChoiceSpec,
     ) -> StreamSpec:
         return StreamSpec(
             response_id=response_id,
             model=ctx.settings.served_model_name,
             created=now(),
             n=params.n,
-            tokens=tokens,
-            logprobs=params.logprobs is not None,
+            choice=choice,
             include_usage=bool(options and options.include_usage),
-            echo=echo,
         )
 
-    @router.get("/v1/models", response_model=ModelList)
+    @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models() -> ModelList:
         card = ModelCard(
             id=ctx.settings.served_model_name,
@@ -69,29 +80,57 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         )
         return ModelList(data=[card])
 
-    @router.post("/v1/completions", response_model=CompletionResponse)
+    @router.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses=_json_or_events(CompletionResponse, "the completion"),
+    )
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         ctx.check_model(body.model)
-        params = completion_params(body)
-        prompts = completion_prompts(body)
-        response_id, stream = await ctx.submit("cmpl", prompts, params, {"*": "prompt"})
-        spec = stream_spec(response_id, params, body.stream_options, echo=body.echo)
+        params = ctx.params.completion(body)
+        prompts = await ctx.prompts.completion_prompts(body.prompt)
+        response_id = ctx.new_id("cmpl")
+        requests = ctx.prompts.requests(response_id, prompts, params, Names(), body.cache_salt)
+        stream = await ctx.submit(requests, {"*": "prompt"})
+        choice = ChoiceSpec(
+            tokens=tokens,
+            tokenizer=ctx.tokenizer,
+            echo=body.echo,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.prompt_logprobs,
+        )
+        spec = stream_spec(response_id, params, body.stream_options, choice)
         if body.stream:
-            events = completion_events(stream, spec, ctx.tokenizer)
-            return StreamingResponse(events, media_type=MEDIA_TYPE)
+            return StreamingResponse(completion_events(stream, spec), media_type=MEDIA_TYPE)
         try:
             outputs = await ctx.collect(stream, request)
         except ClientDisconnected:
             return Response(status_code=_CLIENT_CLOSED)
-        return _json(_completion_response(ctx, spec, outputs))
+        return _json(_completion_response(spec, outputs))
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    @router.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses=_json_or_events(ChatCompletionResponse, "the chat completion"),
+    )
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         ctx.check_model(body.model)
-        params = chat_params(body)
-        prompt = render_chat(ctx.tokenizer, body.messages, body.add_generation_prompt)
-        response_id, stream = await ctx.submit("chatcmpl", [prompt], params, {"*": "messages"})
-        spec = stream_spec(response_id, params, body.stream_options)
+        params = ctx.params.chat(body)
+        prompt = await ctx.prompts.chat_prompt(body.messages, body.add_generation_prompt)
+        response_id = ctx.new_id("chatcmpl")
+        names = Names(
+            prompt="messages",
+            max_tokens="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
+        )
+        requests = ctx.prompts.requests(response_id, [prompt], params, names, body.cache_salt)
+        stream = await ctx.submit(requests, {"*": "messages"})
+        choice = ChoiceSpec(
+            tokens=tokens,
+            tokenizer=ctx.tokenizer,
+            logprobs=params.logprobs,
+            prompt_logprobs=body.prompt_logprobs,
+        )
+        spec = stream_spec(response_id, params, body.stream_options, choice)
         if body.stream:
             return StreamingResponse(chat_events(stream, spec), media_type=MEDIA_TYPE)
         try:
@@ -107,25 +146,14 @@ def _json(body: CompletionResponse | ChatCompletionResponse) -> Response:
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _completion_response(
-    ctx: ServerContext, spec: StreamSpec, outputs: list[RequestOutput]
-) -> CompletionResponse:
-    choices = []
-    for i, output in enumerate(outputs):
-        prefix = prompt_text(ctx.tokenizer, output) if spec.echo else ""
-        for completion in output.outputs:
-            logprobs = None
-            if spec.logprobs and completion.logprobs is not None:
-                logprobs = completion_logprobs(spec.tokens, completion.logprobs, len(prefix))
-            choices.append(
-                CompletionChoice(
-                    index=i * spec.n + completion.index,
-                    text=prefix + completion.text,
-                    logprobs=logprobs,
-                    finish_reason=completion.finish_reason,
-                    stop_reason=completion.stop_reason,
-                )
-            )
+def _completion_response(spec: StreamSpec, outputs: list[RequestOutput]) -> CompletionResponse:
+    choices = [
+        completion_choice(
+            spec.choice, output, completion, i * spec.n + completion.index, whole=True
+        )
+        for i, output in enumerate(outputs)
+        for completion in output.outputs
+    ]
     return CompletionResponse(
         id=spec.response_id,
         created=spec.created,
@@ -137,13 +165,14 @@ def _completion_response(
 
 def _chat_response(spec: StreamSpec, outputs: list[RequestOutput]) -> ChatCompletionResponse:
     (output,) = outputs
+    want_logprobs = spec.choice.logprobs is not None
     choices = [
         ChatChoice(
             index=completion.index,
             message=ChatResponseMessage(content=completion.text),
             logprobs=(
                 chat_logprobs(spec.tokens, completion.logprobs)
-                if spec.logprobs and completion.logprobs is not None
+                if want_logprobs and completion.logprobs is not None
                 else None
             ),
             finish_reason=completion.finish_reason,
@@ -151,10 +180,14 @@ def _chat_response(spec: StreamSpec, outputs: list[RequestOutput]) -> ChatComple
         )
         for completion in output.outputs
     ]
+    num_top = spec.choice.prompt_logprobs
     return ChatCompletionResponse(
         id=spec.response_id,
         created=spec.created,
         model=spec.model,
         choices=choices,
         usage=usage(outputs),
+        prompt_logprobs=(
+            vllm_prompt_logprobs(spec.tokens, output, num_top) if num_top is not None else None
+        ),
     )

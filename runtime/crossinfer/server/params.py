@@ -1,50 +1,146 @@
-"""Request bodies -> SamplingParams and prompts. Only types are checked here; SamplingParams
-checks the ranges and its ValueError becomes a 400 naming the parameter."""
+"""Request bodies -> SamplingParams, within the server's limits.
+
+Types and static ranges were checked by the pydantic models; here the server's limits
+(--max-n, --max-stop-sequences, --max-logprobs) are applied and the fields become a
+SamplingParams, whose own checks raise ValueError, answered as a 400 naming the parameter.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from crossinfer.engine.async_engine import Prompt
 from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.errors import APIError, bad_request
-from crossinfer.server.protocol import (
-    ChatCompletionRequest,
-    ChatMessage,
-    CompletionRequest,
-    SamplingFields,
-    TGIParameters,
-)
+from crossinfer.server.limits import ServerLimits
+from crossinfer.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from crossinfer.server.tgi_protocol import TGIParameters
 
 
-def _unsupported(param: str, why: str) -> APIError:
-    return APIError(400, f"{param}: {why}", param=param, code="unsupported_parameter")
+def _too_many(param: str, value: int, limit: int, flag: str) -> APIError:
+    return APIError(
+        400,
+        f"{param}: {value} is more than the limit of {limit} ({flag})",
+        param=param,
+        code="invalid_value",
+    )
 
 
-def _common(body: SamplingFields) -> dict[str, Any]:
-    if body.logit_bias:
-        raise _unsupported("logit_bias", "not supported by this server")
-    n = 1 if body.n is None else body.n
-    if body.best_of is not None and body.best_of != n:
-        raise _unsupported("best_of", f"must equal n ({n}); best-of ranking is not supported")
-    fields = {
-        "n": n,
-        "temperature": body.temperature,
-        "top_p": body.top_p,
-        "top_k": body.top_k,
-        "min_p": body.min_p,
-        "seed": body.seed,
-        "presence_penalty": body.presence_penalty,
-        "frequency_penalty": body.frequency_penalty,
-        "repetition_penalty": body.repetition_penalty,
-        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
-        "stop_token_ids": body.stop_token_ids,
-        "ignore_eos": body.ignore_eos,
-        "min_tokens": body.min_tokens,
-        "include_stop_str_in_output": body.include_stop_str_in_output,
-        "skip_special_tokens": body.skip_special_tokens,
-    }
-    return {k: v for k, v in fields.items() if v is not None}  # null = SamplingParams' default
+class ParamsBuilder:
+    """Builds each route's SamplingParams under one server's limits."""
+
+    def __init__(self, limits: ServerLimits, max_logprobs: int) -> None:
+        self.limits = limits
+        self.max_logprobs = max_logprobs
+
+    def _check_count(self, param: str, value: int | None, limit: int, flag: str) -> None:
+        if value is not None and value > limit:
+            raise _too_many(param, value, limit, flag)
+
+    def _check_stops(self, stop: list[str], stop_token_ids: list[int], prefix: str = "") -> None:
+        limit = self.limits.max_stop_sequences
+        self._check_count(f"{prefix}stop", len(stop), limit, "--max-stop-sequences")
+        self._check_count("stop_token_ids", len(stop_token_ids), limit, "--max-stop-sequences")
+
+    def _logprobs(self, param: str, value: int | None) -> None:
+        self._check_count(param, value, self.max_logprobs, "--max-logprobs")
+
+    def _common(self, body: SamplingFields) -> dict[str, Any]:
+        n = 1 if body.n is None else body.n
+        self._check_count("n", n, self.limits.max_n, "--max-n")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
+        self._check_stops(stop, list(body.stop_token_ids or ()))
+        self._logprobs("prompt_logprobs", body.prompt_logprobs)
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        fields = {
+            "n": n,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "min_p": body.min_p,
+            "seed": body.seed,
+            "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty,
+            "repetition_penalty": body.repetition_penalty,
+            "logit_bias": bias,
+            "stop": stop,
+            "stop_token_ids": body.stop_token_ids,
+            "ignore_eos": body.ignore_eos,
+            "min_tokens": body.min_tokens,
+            "include_stop_str_in_output": body.include_stop_str_in_output,
+            "skip_special_tokens": body.skip_special_tokens,
+            "prompt_logprobs": body.prompt_logprobs,
+        }
+        return {k: v for k, v in fields.items() if v is not None}  # null = SamplingParams' default
+
+    def completion(self, body: CompletionRequest) -> SamplingParams:
+        """The sampling parameters of a /v1/completions request. ``echo`` with ``logprobs``
+        scores the prompt too: its tokens' logprobs come before the completion's."""
+        fields = self._common(body)
+        n = fields["n"]
+        if body.best_of is not None and body.best_of != n:
+            raise APIError(
+                400,
+                f"best_of: must equal n ({n}); best-of ranking is not supported",
+                param="best_of",
+                code="unsupported_parameter",
+            )
+        self._logprobs("logprobs", body.logprobs)
+        fields["max_tokens"] = body.max_tokens
+        fields["logprobs"] = body.logprobs
+        if body.echo and body.logprobs is not None:
+            fields["prompt_logprobs"] = max(body.logprobs, body.prompt_logprobs or 0)
+        return _build(fields)
+
+    def chat(self, body: ChatCompletionRequest) -> SamplingParams:
+        """The sampling parameters of a /v1/chat/completions request."""
+        fields = self._common(body)
+        max_tokens = body.max_tokens
+        if body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+        fields["max_tokens"] = max_tokens  # None: the rest of the context
+        if body.logprobs:
+            self._logprobs("top_logprobs", body.top_logprobs)
+            fields["logprobs"] = body.top_logprobs or 0
+        elif body.top_logprobs:
+            raise APIError(
+                400,
+                "top_logprobs: needs logprobs: true",
+                param="top_logprobs",
+                code="invalid_value",
+            )
+        names = {"logprobs": "top_logprobs"}
+        if body.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return _build(fields, names)
+
+    def tgi(self, parameters: TGIParameters) -> SamplingParams:
+        """TGI semantics: greedy unless ``do_sample`` or a sampling knob is set; every token
+        carries its logprob (TGI's token events always do)."""
+        self._check_stops(parameters.stop, [], "parameters.")
+        self._logprobs("parameters.top_n_tokens", parameters.top_n_tokens)
+        sampling = parameters.do_sample or any(
+            v is not None for v in (parameters.temperature, parameters.top_p, parameters.top_k)
+        )
+        fields: dict[str, Any] = {
+            "temperature": _or(parameters.temperature, 1.0) if sampling else 0.0,
+            "top_p": parameters.top_p,
+            "top_k": parameters.top_k,
+            "repetition_penalty": parameters.repetition_penalty,
+            "frequency_penalty": parameters.frequency_penalty,
+            "seed": parameters.seed,
+            "stop": parameters.stop,
+            "max_tokens": parameters.max_new_tokens,
+            "logprobs": parameters.top_n_tokens or 0,
+            "prompt_logprobs": 0 if parameters.decoder_input_details else None,
+        }
+        names = {"max_tokens": "parameters.max_new_tokens", "*": "inputs"}
+        names |= {k: f"parameters.{k}" for k in fields if k != "max_tokens"}
+        names["logprobs"] = "parameters.top_n_tokens"
+        return _build({k: v for k, v in fields.items() if v is not None}, names)
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _build(fields: dict[str, Any], names: dict[str, str] | None = None) -> SamplingParams:
@@ -52,107 +148,3 @@ def _build(fields: dict[str, Any], names: dict[str, str] | None = None) -> Sampl
         return SamplingParams(**fields)
     except ValueError as exc:
         raise bad_request(exc, names) from exc
-
-
-def completion_params(body: CompletionRequest) -> SamplingParams:
-    """The sampling parameters of a /v1/completions request."""
-    if body.suffix:
-        raise _unsupported("suffix", "not supported by this server")
-    if body.echo and body.logprobs is not None:
-        # The engine computes no prompt logprobs, which echo with logprobs would need.
-        raise _unsupported("echo", "echo together with logprobs is not supported")
-    fields = _common(body)
-    fields["max_tokens"] = body.max_tokens
-    fields["logprobs"] = body.logprobs
-    return _build(fields)
-
-
-def completion_prompts(body: CompletionRequest) -> list[Prompt]:
-    """One prompt (text or token ids) per engine request."""
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        return [prompt]
-    if not prompt:
-        raise APIError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]  # type: ignore[arg-type]  # list[int], checked above
-    return list(prompt)  # type: ignore[arg-type]  # list[str] or list[list[int]]
-
-
-def chat_params(body: ChatCompletionRequest) -> SamplingParams:
-    """The sampling parameters of a /v1/chat/completions request."""
-    if body.tools:
-        raise _unsupported("tools", "tool calling is not supported by this server")
-    fields = _common(body)
-    max_tokens = body.max_tokens
-    if body.max_completion_tokens is not None:
-        max_tokens = body.max_completion_tokens
-    fields["max_tokens"] = max_tokens  # None: the rest of the context
-    if body.logprobs:
-        fields["logprobs"] = body.top_logprobs or 0
-    elif body.top_logprobs:
-        raise _unsupported("top_logprobs", "needs logprobs: true")
-    names = {"logprobs": "top_logprobs"}
-    if body.max_completion_tokens is not None:
-        names["max_tokens"] = "max_completion_tokens"
-    return _build(fields, names)
-
-
-def render_chat(
-    tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool
-) -> list[int]:
-    """Token ids of a conversation through the model's chat template (as ``LLM.chat`` does)."""
-    conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
-    try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as exc:  # jinja2 raises its own errors for conversations it refuses
-        raise APIError(
-            400,
-            f"messages: the chat template failed: {exc}",
-            param="messages",
-            code="invalid_value",
-        ) from exc
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.type != "text" or part.text is None:
-                raise _unsupported(
-                    f"messages[{index}].content", f"content parts of type {part.type!r}"
-                )
-            texts.append(part.text)
-        content = "".join(texts)
-    extra = message.model_extra or {}
-    role = "system" if message.role == "developer" else message.role  # OpenAI's newer name
-    return {**extra, "role": role, "content": content or ""}
-
-
-def _or(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
-def tgi_params(parameters: TGIParameters) -> SamplingParams:
-    """TGI semantics: greedy unless ``do_sample`` or a sampling knob is set; every token
-    carries its logprob (TGI's token events always do)."""
-    sampling = parameters.do_sample or any(
-        v is not None for v in (parameters.temperature, parameters.top_p, parameters.top_k)
-    )
-    fields: dict[str, Any] = {
-        "temperature": _or(parameters.temperature, 1.0) if sampling else 0.0,
-        "top_p": parameters.top_p,
-        "top_k": parameters.top_k,
-        "repetition_penalty": parameters.repetition_penalty,
-        "seed": parameters.seed,
-        "stop": parameters.stop,
-        "max_tokens": parameters.max_new_tokens,
-        "logprobs": 0,
-    }
-    names = {"max_tokens": "parameters.max_new_tokens", "*": "inputs"}
-    names |= {k: f"parameters.{k}" for k in fields if k != "max_tokens"}
-    return _build({k: v for k, v in fields.items() if v is not None}, names)

@@ -1,89 +1,235 @@
-"""Request and response bodies of the HTTP API, as pydantic models: OpenAI completions, chat,
-models and errors; vLLM's tokenize / detokenize; TGI's generate.
+"""Request and response bodies of the OpenAI-compatible API, as pydantic models: completions,
+chat, models and errors; vLLM's tokenize / detokenize.
 
-Sampling fields are only type-checked here; their ranges are checked once, by
-``SamplingParams``, whose ValueError names the parameter (the server answers 400 with it).
-A field sent as ``null`` means "the default", as the OpenAI API treats it.
+The request models are the one list of what the server accepts: a field that is not declared
+here is refused with a 400 naming it (``extra="forbid"``), never silently ignored;
+``UNSUPPORTED`` says why for the well-known ones. Types are strict (no strings or booleans
+where numbers belong), floats finite, and every static range is declared, so /openapi.json
+documents what is refused. Ranges that depend on the model or the server's flags (token ids,
+lengths, --max-n, ...) are checked when the request is built (server/params.py and
+server/prompts.py) and written into the served schema (server/openapi.py). A field sent as
+``null`` means "the default", as the OpenAI API treats it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WrapValidator,
+    model_serializer,
+    model_validator,
+)
 
-# Unknown fields (``user``, ``metadata``, ...) are accepted and ignored, as the OpenAI API does.
-_LENIENT = ConfigDict(extra="ignore")
+from crossinfer.sampling_params import (
+    LOGIT_BIAS_MAX,
+    PENALTY_MAX,
+    PENALTY_MIN,
+    REPETITION_PENALTY_MAX,
+    REPETITION_PENALTY_MIN,
+    SEED_MAX,
+    SEED_MIN,
+    TOP_K_MAX,
+)
+
+MAX_STOP_CHARS = 1024  # characters in one stop string
+MAX_SALT_CHARS = 1024
+
+# Fields clients commonly send that this server does not implement, and why.
+UNSUPPORTED: dict[str, str] = {
+    "response_format": "structured output is not supported by this server yet",
+    "tools": "tool calling is not supported by this server yet",
+    "tool_choice": "tool calling is not supported by this server yet",
+    "functions": "function calling is not supported by this server",
+    "function_call": "function calling is not supported by this server",
+    "parallel_tool_calls": "tool calling is not supported by this server yet",
+    "suffix": "insertion (suffix) is not supported by this server",
+    "allowed_token_ids": "not supported by this server; use logit_bias",
+    "guided_json": "structured output is not supported by this server yet",
+    "guided_regex": "structured output is not supported by this server yet",
+    "guided_choice": "structured output is not supported by this server yet",
+    "guided_grammar": "structured output is not supported by this server yet",
+    "audio": "audio output is not supported by this server",
+    "modalities": "only text output is supported by this server",
+    "prediction": "predicted outputs are not supported by this server",
+    "reasoning_effort": "this server serves no reasoning models",
+    "store": "this server stores no completions",
+    "metadata": "this server stores no completions",
+    "service_tier": "this server has one service tier",
+    "web_search_options": "web search is not supported by this server",
+    "echo": "echo is supported on /v1/completions only",
+    "typical_p": "typical sampling is not supported by this server",
+    "grammar": "grammar-constrained generation is not supported by this server yet",
+    "adapter_id": "LoRA adapters are not supported by this server yet",
+}
 
 
-class StreamOptions(BaseModel):
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _strings_are_unicode(value: Any) -> None:
+    """Refuse lone UTF-16 surrogates ("\\ud800" in JSON) anywhere in a body: they are not
+    Unicode, so no tokenizer can read them and no response can contain them."""
+    if isinstance(value, str):
+        if _has_surrogate(value):
+            raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _strings_are_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _strings_are_unicode(key)
+            _strings_are_unicode(item)
+    elif isinstance(value, BaseModel):
+        for _, item in value:
+            _strings_are_unicode(item)
+        _strings_are_unicode(value.model_extra or {})
+
+
+class Body(BaseModel):
+    """A request body: strict types, unknown fields refused, text checked to be Unicode."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="after")
+    def _unicode_only(self) -> Body:
+        for name, value in self:
+            try:
+                _strings_are_unicode(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return self
+
+
+def finite(**constraints: Any) -> Any:
+    """A float Field with ``constraints`` that refuses NaN and the infinities."""
+    return Field(allow_inf_nan=False, **constraints)
+
+
+Temperature = Annotated[float, finite(ge=0)]
+TopP = Annotated[float, finite(gt=0, le=1)]
+TopK = Annotated[int, Field(ge=-1, le=TOP_K_MAX)]
+MinP = Annotated[float, finite(ge=0, le=1)]
+Penalty = Annotated[float, finite(ge=PENALTY_MIN, le=PENALTY_MAX)]
+RepetitionPenalty = Annotated[float, finite(ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
+TokenId = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=1)]
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+Bias = Annotated[float, finite(ge=-LOGIT_BIAS_MAX, le=LOGIT_BIAS_MAX)]
+LogitBias = Annotated[
+    dict[Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}$")], Bias],
+    Field(json_schema_extra={"additionalProperties": False}),
+]
+
+
+class StreamOptions(Body):
     include_usage: bool = False
     """Send a last chunk with ``usage`` (and no choices) before ``[DONE]``."""
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Body):
     """Fields common to completions and chat (OpenAI names, plus vLLM's extras)."""
 
-    model_config = _LENIENT
-
     model: str | None = None  # None = the served model
-    temperature: float | None = None  # None = 1.0; 0 = greedy
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    temperature: Temperature | None = None  # None = 1.0; 0 = greedy
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    n: Count | None = None  # at most --max-n
+    stop: StopString | list[StopString] | None = None  # at most --max-stop-sequences
+    stop_token_ids: list[TokenId] | None = None  # at most --max-stop-sequences
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    logit_bias: LogitBias | None = None  # token id (as a string) -> bias
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None  # vLLM's: at most --max-logprobs
+    cache_salt: (
+        Annotated[str, StringConstraints(min_length=1, max_length=MAX_SALT_CHARS)] | None
+    ) = None
+    """vLLM's: requests share prefix-cache blocks only with requests of the same salt."""
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None  # accepted only when empty: not supported
-    best_of: int | None = None  # accepted only when equal to n
+    stream_options: StreamOptions | None = None  # only with stream: true
+    user: str | None = None  # an end-user id; it changes nothing in the output
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+
+def _one_prompt_error(value: Any, handler: Any) -> Any:
+    # One message for the prompt's union instead of one per alternative.
+    try:
+        return handler(value)
+    except ValueError:
+        raise ValueError(
+            "must be a string, a list of strings, a list of token ids or a list of token-id "
+            "lists, none of them empty"
+        ) from None
+
+
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+PromptField = Annotated[
+    str
+    | Annotated[list[str], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)],
+    WrapValidator(_one_prompt_error),
+]
 
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default; null = the rest of the context
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None  # not supported: rejected unless empty
+    prompt: PromptField  # at most --max-client-batch-size prompts
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # OpenAI's default; 0: the prompt only
+    logprobs: Annotated[int, Field(ge=0)] | None = None  # at most --max-logprobs
+    echo: bool = False  # the prompt before the completion (with its logprobs, when asked for)
+    best_of: Count | None = None  # accepted only when equal to n
 
 
 class ContentPart(BaseModel):
     """One part of a message's content; only ``text`` parts are supported."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... reach the template
+    # name, tool_call_id, ... are passed on to the chat template.
+    model_config = ConfigDict(strict=True, extra="allow")
 
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # None = the rest of the context
-    max_completion_tokens: int | None = None  # wins over max_tokens
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Count | None = None  # None = the rest of the context
+    max_completion_tokens: Count | None = None  # wins over max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None  # at most --max-logprobs
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None  # not supported: rejected unless empty
 
 
 class UsageInfo(BaseModel):
@@ -99,12 +245,26 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None]
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's ``prompt_logprobs`` entry for one token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# Per prompt token, {token id: entry} for the token itself and the best alternatives; the
+# first token's entry is null.
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's extra: the stop string or token that ended it
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
 
 
 class CompletionResponse(BaseModel):
@@ -152,6 +312,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked for
 
 
 class DeltaMessage(BaseModel):
@@ -178,6 +339,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # in the first chunk, when asked for
 
 
 class ModelCard(BaseModel):
@@ -207,14 +369,16 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class TokenizeRequest(BaseModel):
-    """POST /tokenize (vLLM): a ``prompt``, or chat ``messages`` rendered by the template."""
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
 
-    model_config = _LENIENT
+
+class TokenizeRequest(Body):
+    """POST /tokenize (vLLM): a ``prompt``, or chat ``messages`` rendered by the template."""
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool | None = None  # None: True for a prompt, False for messages
     add_generation_prompt: bool = True
 
@@ -225,66 +389,10 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = _LENIENT
-
+class DetokenizeRequest(Body):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):
     prompt: str
-
-
-class TGIParameters(BaseModel):
-    """TGI's ``parameters``; sampling is on when ``do_sample`` or any sampling knob is set."""
-
-    model_config = _LENIENT
-
-    max_new_tokens: int | None = 100
-    do_sample: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    details: bool = False
-    return_full_text: bool = False
-
-
-class TGIGenerateRequest(BaseModel):
-    """POST /generate and /generate_stream."""
-
-    model_config = _LENIENT
-
-    inputs: str
-    parameters: TGIParameters = Field(default_factory=TGIParameters)
-
-
-class TGIToken(BaseModel):
-    id: int
-    text: str
-    logprob: float | None = None
-    special: bool = False
-
-
-class TGIDetails(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence"]
-    generated_tokens: int
-    seed: int | None = None
-    tokens: list[TGIToken] = Field(default_factory=list)  # empty in a stream's last event
-
-
-class TGIGenerateResponse(BaseModel):
-    generated_text: str
-    details: TGIDetails | None = None
-
-
-class TGIStreamResponse(BaseModel):
-    """One event of /generate_stream: one token; the last one also carries the whole text."""
-
-    index: int
-    token: TGIToken
-    generated_text: str | None = None
-    details: TGIDetails | None = None

@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 
+from crossinfer.server.limits import add_limit_arguments, limits_from_args
+
 # The embedded default model's public name (the GGUF file name carries the quantisation).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENV = "CROSSINFER_API_KEY"
@@ -44,10 +46,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted; larger ones get 413 (default 1 MiB)",
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    add_limit_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve the device, load the model, then serve until interrupted."""
+    """Resolve the device, load the model, then serve until interrupted (0), or until the
+    engine breaks (1: the server drains its connections and exits, so that a supervisor can
+    restart it)."""
     import uvicorn
 
     from crossinfer.engine.async_engine import AsyncLLMEngine
@@ -65,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         model_path=loaded.model_files.path,
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
+        limits=limits_from_args(args),
     )
     logger.info(
         "serving %s (max_model_len %d) on http://%s:%d%s",
@@ -75,8 +81,25 @@ def run(args: argparse.Namespace) -> int:
         " with an API key" if settings.api_key else "",
     )
     app = build_app(engine, settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level.lower(),
+            timeout_graceful_shutdown=30,
+        )
+    )
+    broken: list[BaseException] = []
+
+    def on_engine_stop(error: BaseException) -> None:  # on the engine thread
+        logger.critical("the engine broke (%s); draining and exiting", engine.stop_reason)
+        broken.append(error)
+        server.should_exit = True  # read by uvicorn's main loop
+
+    engine.on_stop = on_engine_stop
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+        server.run()
     finally:
         engine.shutdown()
-    return 0
+    return 1 if broken else 0

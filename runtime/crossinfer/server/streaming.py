@@ -11,29 +11,27 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import BaseModel
 
 from crossinfer.engine.async_engine import OutputStream
 from crossinfer.engine.outputs import CompletionOutput, RequestOutput
-from crossinfer.server.errors import APIError
+from crossinfer.server.errors import openai_error_body, stream_error
 from crossinfer.server.protocol import (
     ChatCompletionChunk,
     ChatStreamChoice,
     CompletionChoice,
     CompletionResponse,
     DeltaMessage,
-    ErrorInfo,
-    ErrorResponse,
 )
 from crossinfer.server.responses import (
+    ChoiceSpec,
     TokenText,
     chat_logprobs,
-    completion_logprobs,
+    completion_choice,
     new_logprobs,
-    prompt_text,
     usage,
+    vllm_prompt_logprobs,
 )
 
 logger = logging.getLogger("crossinfer.server")
@@ -55,10 +53,12 @@ class StreamSpec:
     model: str
     created: int
     n: int  # samples per prompt: prompt i's sample j is choice i * n + j
-    tokens: TokenText
-    logprobs: bool = False
+    choice: ChoiceSpec  # logprobs, echo and prompt logprobs, as the request asked
     include_usage: bool = False
-    echo: bool = False
+
+    @property
+    def tokens(self) -> TokenText:
+        return self.choice.tokens
 
 
 class _ChoiceTracker:
@@ -87,41 +87,23 @@ class _ChoiceTracker:
         return changed
 
 
-def error_event(exc: Exception) -> str:
+def error_event(exc: BaseException) -> str:
     """An event carrying the error that ended a stream, in the OpenAI error shape."""
-    if isinstance(exc, APIError):
-        info = ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
-    else:
-        logger.exception("stream failed")
-        info = ErrorInfo(message=f"internal error: {exc}", type="server_error")
-    return sse(ErrorResponse(error=info))
+    return sse(openai_error_body(stream_error(exc)))
 
 
-async def completion_events(
-    stream: OutputStream, spec: StreamSpec, tokenizer: Any
-) -> AsyncIterator[str]:
+async def completion_events(stream: OutputStream, spec: StreamSpec) -> AsyncIterator[str]:
     """The events of a streamed /v1/completions response."""
     tracker = _ChoiceTracker(stream, spec.n)
     sent: dict[int, int] = {}  # choice index -> characters sent (for logprobs' text_offset)
     try:
         async for output in stream:
             for index, completion, first in tracker.updates(output):
-                text = completion.delta
-                if first and spec.echo:
-                    text = prompt_text(tokenizer, output) + text
-                logprobs = None
-                if spec.logprobs:
-                    start = sent.get(index, 0) + len(text) - len(completion.delta)
-                    sampled = new_logprobs(completion)
-                    logprobs = completion_logprobs(spec.tokens, sampled, start)
-                sent[index] = sent.get(index, 0) + len(text)
-                choice = CompletionChoice(
-                    index=index,
-                    text=text,
-                    logprobs=logprobs,
-                    finish_reason=completion.finish_reason,
-                    stop_reason=completion.stop_reason,
+                sent_chars = sent.get(index, 0)
+                choice = completion_choice(
+                    spec.choice, output, completion, index, first=first, sent_chars=sent_chars
                 )
+                sent[index] = sent_chars + len(choice.text)
                 yield sse(_completion_chunk(spec, [choice]))
         if spec.include_usage:
             yield sse(_completion_chunk(spec, [], tracker))
@@ -151,16 +133,26 @@ async def chat_events(stream: OutputStream, spec: StreamSpec) -> AsyncIterator[s
         for index in range(spec.n * len(stream.request_ids)):
             role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
             yield sse(_chat_chunk(spec, [role]))
+        scored: set[str] = set()  # requests whose prompt logprobs were sent
         async for output in stream:
             for index, completion, _ in tracker.updates(output):
                 sampled = new_logprobs(completion)
                 choice = ChatStreamChoice(
                     index=index,
                     delta=DeltaMessage(content=completion.delta),
-                    logprobs=chat_logprobs(spec.tokens, sampled) if spec.logprobs else None,
+                    logprobs=(
+                        chat_logprobs(spec.tokens, sampled)
+                        if spec.choice.logprobs is not None
+                        else None
+                    ),
                     finish_reason=completion.finish_reason,
                 )
-                yield sse(_chat_chunk(spec, [choice]))
+                chunk = _chat_chunk(spec, [choice])
+                num_top = spec.choice.prompt_logprobs
+                if num_top is not None and output.request_id not in scored:
+                    scored.add(output.request_id)
+                    chunk.prompt_logprobs = vllm_prompt_logprobs(spec.tokens, output, num_top)
+                yield sse(chunk)
         if spec.include_usage:
             yield sse(_chat_chunk(spec, [], tracker))
     except Exception as exc:

@@ -6,7 +6,6 @@ from fastapi import APIRouter
 
 from crossinfer.server.context import ServerContext
 from crossinfer.server.errors import ERROR_RESPONSES, APIError
-from crossinfer.server.params import render_chat
 from crossinfer.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -25,19 +24,21 @@ def tokenize_router(ctx: ServerContext) -> APIRouter:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt or messages", code="invalid_value")
         if body.messages is not None:
-            ids = render_chat(ctx.tokenizer, body.messages, body.add_generation_prompt)
+            rendered = await ctx.prompts.chat_prompt(body.messages, body.add_generation_prompt)
+            ids = rendered.token_ids
             if body.add_special_tokens:
                 ids = list(ctx.tokenizer.build_inputs_with_special_tokens(ids))
         else:
+            assert body.prompt is not None
             special = True if body.add_special_tokens is None else body.add_special_tokens
-            ids = list(ctx.tokenizer.encode(body.prompt, add_special_tokens=special))
+            ids = await ctx.prompts.encode(body.prompt, "prompt", special)
         return TokenizeResponse(count=len(ids), max_model_len=ctx.engine.max_model_len, tokens=ids)
 
     @router.post("/detokenize", response_model=DetokenizeResponse)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_model(body.model)
-        vocab = len(ctx.tokenizer)
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        vocab = ctx.prompts.vocab_size
+        bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise APIError(
                 400,
