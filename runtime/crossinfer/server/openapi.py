@@ -100,9 +100,10 @@ def _write_limits(
     _bound(completion["best_of"], n)
     _bound(completion["logprobs"], logprobs)
     _bound(completion["max_tokens"], {"maximum": limits.total_tokens - 1})
-    _bound(completion["prompt"], {"maxItems": limits.max_client_batch_size}, arrays_only=True)
     for branch in completion["prompt"]["anyOf"]:
         items = branch.get("items", {})
+        if items.get("type") in ("string", "array"):  # a list of prompts, not of token ids
+            branch["maxItems"] = limits.max_client_batch_size
         _bound(items, token_id, only_type="integer")
         _bound(items, token_id, items=True, only_type="array")
     chat = components["ChatCompletionRequest"]["properties"]

@@ -9,9 +9,9 @@ unsigned 64-bit seed. Limits from the server's flags (max_new_tokens against
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from crossinfer.sampling_params import (
     REPETITION_PENALTY_MAX,
@@ -20,6 +20,15 @@ from crossinfer.sampling_params import (
     TOP_K_MAX,
 )
 from crossinfer.server.protocol import Body, Count, Penalty, StopString, finite
+
+
+_FALSE: dict[str, Any] = {"const": False}
+
+
+def _not_supported(value: bool) -> bool:
+    if value:
+        raise ValueError("watermarking is not supported by this server")
+    return value
 
 
 class TGIParameters(Body):
@@ -38,8 +47,10 @@ class TGIParameters(Body):
     stop: list[StopString] = Field(default_factory=list)
     truncate: Count | None = None  # keep only the last `truncate` input tokens
     top_n_tokens: Annotated[int, Field(ge=0)] | None = None  # alternatives for each token
-    best_of: Literal[1] | None = None  # best-of ranking is not supported: 1 only
-    watermark: Literal[False] = False  # watermarking is not supported
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None  # no best-of ranking: 1 only
+    watermark: Annotated[bool, AfterValidator(_not_supported), Field(json_schema_extra=_FALSE)] = (
+        False  # watermarking is not supported
+    )
     details: bool = False
     decoder_input_details: bool = False  # the prompt tokens with their logprobs
     return_full_text: bool = False
