@@ -76,6 +76,10 @@ class PromptService:
             logger.warning("tokenizing %s failed", param, exc_info=exc)
             raise _invalid(param, "the tokenizer could not encode this text") from None
 
+    async def decode(self, token_ids: list[int]) -> str:
+        """The text of ``token_ids`` (vLLM's /detokenize)."""
+        return str(await self._run(self.tokenizer.decode, token_ids))
+
     async def completion_prompts(self, prompt: str | list[Any]) -> list[Prompt]:
         """The prompts of a /v1/completions request: text, texts, token ids or lists of them."""
         if isinstance(prompt, str):

@@ -21,7 +21,6 @@ from crossinfer.sampling_params import (
 )
 from crossinfer.server.protocol import Body, Count, Penalty, StopString, finite
 
-
 _FALSE: dict[str, Any] = {"const": False}
 
 

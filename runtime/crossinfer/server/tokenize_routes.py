@@ -46,6 +46,6 @@ def tokenize_router(ctx: ServerContext) -> APIRouter:
                 param="tokens",
                 code="invalid_value",
             )
-        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await ctx.prompts.decode(body.tokens))
 
     return router
