@@ -14,7 +14,7 @@ import torch
 
 from crossinfer import LLM, SamplingParams
 from crossinfer.engine.async_engine import AsyncLLMEngine, EngineDeadError, GenerateRequest
-from crossinfer.engine.errors import EngineFatalError, RequestFailedError
+from crossinfer.engine.errors import EngineFatalError, RequestError, RequestFailedError
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer_conformance.checks.tiny_model import build_tiny_model
 
@@ -260,3 +260,33 @@ def test_a_broken_engine_tells_every_waiter_and_its_owner(
     reason = async_engine.stop_reason or ""
     assert "stopped working" in reason and "secret" not in reason
     assert [type(e) for e in async_engine.stops] == [EngineFatalError]  # type: ignore[attr-defined]
+
+
+def test_a_failure_while_adding_refuses_that_request_alone(
+    async_engine: AsyncLLMEngine,
+    reference: dict[str, tuple[int, ...]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = async_engine.engine
+    add = engine.add_request
+
+    def failing_add(request_id: str, *args: Any, **kwargs: Any) -> None:
+        if request_id == "b":
+            raise MemoryError("planted")
+        add(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", failing_add)
+
+    async def main() -> tuple[Any, tuple[int, ...]]:
+        try:
+            await async_engine.add_requests([GenerateRequest("b", [1, 2], GREEDY)])
+            refused: Any = None
+        except RequestError as exc:
+            refused = exc
+        stream = await async_engine.add_requests([GenerateRequest("a", PROMPTS["a"], GREEDY)])
+        last = [output async for output in stream][-1]
+        return refused, tokens(last)
+
+    refused, a = asyncio.run(main())
+    assert isinstance(refused, RequestError) and "planted" not in str(refused)
+    assert a == reference["a"] and async_engine.is_healthy

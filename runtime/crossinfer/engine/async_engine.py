@@ -239,8 +239,6 @@ class AsyncLLMEngine:
             logger.critical("the engine stopped", exc_info=exc)
             error = exc
         self._fail(error)
-        if self.on_stop is not None and not isinstance(error, EngineDeadError):
-            self.on_stop(error)
 
     def _apply(self, commands: list[_Command]) -> None:
         for command in commands:
@@ -325,6 +323,11 @@ class AsyncLLMEngine:
         with self._cond:
             self._error = error
             pending, self._commands = self._commands, []
+        if self.on_stop is not None and not isinstance(error, EngineDeadError):
+            try:  # before the waiters hear of it: they may act on it at once
+                self.on_stop(error)
+            except Exception:
+                logger.exception("the engine's on_stop callback failed")
         dead = EngineDeadError(f"the engine stopped: {self.stop_reason}")
         for add in pending:
             if isinstance(add, _Add):

@@ -57,56 +57,45 @@ class ServerLimits:
         return self.max_total_tokens
 
 
+# (flags, ServerLimits field, help); a help's {} is the field's default.
+_FLAGS = (
+    (("--max-n", "--max-best-of"), "max_n", "most samples per prompt, n or best_of (default {})"),
+    (
+        ("--max-stop-sequences",),
+        "max_stop_sequences",
+        "most stop strings, and stop token ids, per request (default {})",
+    ),
+    (
+        ("--max-input-tokens",),
+        "max_input_tokens",
+        "most prompt tokens (default: the context minus one)",
+    ),
+    (
+        ("--max-total-tokens",),
+        "max_total_tokens",
+        "most prompt plus generated tokens (default: the context length)",
+    ),
+    (
+        ("--max-concurrent-requests",),
+        "max_concurrent_requests",
+        "generation requests in flight before 429 (default {})",
+    ),
+    (
+        ("--max-client-batch-size",),
+        "max_client_batch_size",
+        "most prompts in one completions request (default {})",
+    ),
+)
+
+
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
     """``--max-n`` ... ``--max-client-batch-size``."""
-    d = ServerLimits()
+    defaults = ServerLimits()
     group = parser.add_argument_group("request limits")
-    group.add_argument(
-        "--max-n",
-        "--max-best-of",
-        dest="max_n",
-        type=int,
-        default=d.max_n,
-        help=f"most samples per prompt, n or best_of (default {d.max_n})",
-    )
-    group.add_argument(
-        "--max-stop-sequences",
-        type=int,
-        default=d.max_stop_sequences,
-        help=f"most stop strings, and stop token ids, per request (default {d.max_stop_sequences})",
-    )
-    group.add_argument(
-        "--max-input-tokens",
-        type=int,
-        default=None,
-        help="most prompt tokens (default: the context length minus one)",
-    )
-    group.add_argument(
-        "--max-total-tokens",
-        type=int,
-        default=None,
-        help="most prompt plus generated tokens (default: the context length)",
-    )
-    group.add_argument(
-        "--max-concurrent-requests",
-        type=int,
-        default=d.max_concurrent_requests,
-        help=f"generation requests in flight before 429 (default {d.max_concurrent_requests})",
-    )
-    group.add_argument(
-        "--max-client-batch-size",
-        type=int,
-        default=d.max_client_batch_size,
-        help=f"most prompts in one completions request (default {d.max_client_batch_size})",
-    )
+    for flags, field, text in _FLAGS:
+        default = getattr(defaults, field)
+        group.add_argument(*flags, dest=field, type=int, default=default, help=text.format(default))
 
 
 def limits_from_args(args: argparse.Namespace) -> ServerLimits:
-    return ServerLimits(
-        max_n=args.max_n,
-        max_stop_sequences=args.max_stop_sequences,
-        max_input_tokens=args.max_input_tokens,
-        max_total_tokens=args.max_total_tokens,
-        max_concurrent_requests=args.max_concurrent_requests,
-        max_client_batch_size=args.max_client_batch_size,
-    )
+    return ServerLimits(**{field: getattr(args, field) for _, field, _ in _FLAGS})

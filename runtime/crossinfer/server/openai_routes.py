@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from crossinfer.engine.async_engine import OutputStream
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.context import ClientDisconnected, ServerContext, now
@@ -70,6 +72,18 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             include_usage=bool(options and options.include_usage),
         )
 
+    async def answer(
+        stream: OutputStream,
+        request: Request,
+        build: Callable[[list[RequestOutput]], CompletionResponse | ChatCompletionResponse],
+    ) -> Response:
+        """The whole response once every request finished (nothing if the client left)."""
+        try:
+            outputs = await ctx.collect(stream, request)
+        except ClientDisconnected:
+            return Response(status_code=_CLIENT_CLOSED)
+        return Response(build(outputs).model_dump_json(), media_type="application/json")
+
     @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models() -> ModelList:
         card = ModelCard(
@@ -102,11 +116,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         spec = stream_spec(response_id, params, body.stream_options, choice)
         if body.stream:
             return StreamingResponse(completion_events(stream, spec), media_type=MEDIA_TYPE)
-        try:
-            outputs = await ctx.collect(stream, request)
-        except ClientDisconnected:
-            return Response(status_code=_CLIENT_CLOSED)
-        return _json(_completion_response(spec, outputs))
+        return await answer(stream, request, lambda outputs: _completion_response(spec, outputs))
 
     @router.post(
         "/v1/chat/completions",
@@ -133,17 +143,9 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         spec = stream_spec(response_id, params, body.stream_options, choice)
         if body.stream:
             return StreamingResponse(chat_events(stream, spec), media_type=MEDIA_TYPE)
-        try:
-            outputs = await ctx.collect(stream, request)
-        except ClientDisconnected:
-            return Response(status_code=_CLIENT_CLOSED)
-        return _json(_chat_response(spec, outputs))
+        return await answer(stream, request, lambda outputs: _chat_response(spec, outputs))
 
     return router
-
-
-def _json(body: CompletionResponse | ChatCompletionResponse) -> Response:
-    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _completion_response(spec: StreamSpec, outputs: list[RequestOutput]) -> CompletionResponse:
