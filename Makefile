@@ -14,7 +14,7 @@ $(BIN)/python:
 # triton is the version torch 2.13's CUDA build pins; here it runs the cuda and rocm backends'
 # kernels in its interpreter (emulated). The backends are separate distributions, as vendors
 # ship them.
-BACKENDS := -e backends/triton -e backends/cuda -e backends/rocm
+BACKENDS := -e backends/triton -e backends/cuda -e backends/rocm -e backends/xpu
 
 $(STAMP): $(BIN)/python pyproject.toml backends/*/pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0 triton==3.7.1

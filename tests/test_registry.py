@@ -321,8 +321,9 @@ def _row(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_rows_come_in_auto_order(child_report: dict[str, Any]) -> None:
     names = [row["name"] for row in child_report["rows"]]
-    # cuda and rocm are installed by make test; without their GPUs they are listed, unavailable.
-    assert names == ["cuda", "rocm", "cpu", "absent", "broken", "example", "future"]
+    # cuda, rocm and xpu are installed by make test; without their GPUs they are listed,
+    # unavailable.
+    assert names == ["cuda", "rocm", "xpu", "cpu", "absent", "broken", "example", "future"]
 
 
 def test_out_of_tree_example_is_listed_available(child_report: dict[str, Any]) -> None:
@@ -380,7 +381,7 @@ def test_resolve_device_in_child(child_report: dict[str, Any]) -> None:
     assert resolved["auto"] == "CpuBackend"
     assert resolved["nope"].startswith(
         "DeviceError: --device nope: no backend of that name is installed; "
-        "known: auto, absent, broken, cpu, cuda, example, future, rocm "
+        "known: auto, absent, broken, cpu, cuda, example, future, rocm, xpu "
     )
     assert resolved["absent"] == (
         "DeviceError: --device absent is not available: "
@@ -397,7 +398,9 @@ def test_backends_command_prints_an_aligned_table(child: _Child) -> None:
     header = lines[0]
     assert header.split() == ["name", "package", "version", "api", "available", "reason", "devices"]
     rows = {line.split()[0]: line for line in lines[1:]}
-    assert sorted(rows) == ["absent", "broken", "cpu", "cuda", "example", "future", "rocm"]
+    assert sorted(rows) == [
+        "absent", "broken", "cpu", "cuda", "example", "future", "rocm", "xpu"
+    ]  # fmt: skip
     assert rows["example"].split() == [
         "example",
         "crossinfer-example-backend",

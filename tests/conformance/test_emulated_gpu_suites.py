@@ -1,6 +1,7 @@
-"""The cuda and rocm backends pass the suite with their Triton kernels under Triton's
-interpreter on this CPU (``crossinfer conformance --device cuda --emulate``), and the report
-says emulated. Block sizes the rocm backend does not declare are recorded not-supported."""
+"""The cuda, rocm and xpu backends pass the suite with their Triton kernels, tiles and
+capabilities under Triton's interpreter on this CPU (``crossinfer conformance --device cuda
+--emulate``), and the report says emulated. Block sizes the rocm and xpu backends do not
+declare (1 and 8: they take multiples of 16) are recorded not-supported."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tests.conformance.runs import SuiteRuns
 
 pytestmark = pytest.mark.slow
 
-ROCM_UNDECLARED = {
+BELOW_16 = {
     "L2-attention-mixed-fp32-bs1-h64-gqa2",
     "L2-attention-mixed-fp32-bs8-h64-gqa2",
     "L2-write_kv-fp32-bs1-h64",
@@ -19,7 +20,7 @@ ROCM_UNDECLARED = {
 }
 
 
-@pytest.mark.parametrize("backend", ["cuda-emulated", "rocm-emulated"])
+@pytest.mark.parametrize("backend", ["cuda-emulated", "rocm-emulated", "xpu-emulated"])
 def test_gpu_backend_passes_emulated(suite_runs: SuiteRuns, backend: str) -> None:
     run = suite_runs.get(backend)
     name = backend.removesuffix("-emulated")
@@ -29,9 +30,11 @@ def test_gpu_backend_passes_emulated(suite_runs: SuiteRuns, backend: str) -> Non
     assert report["emulated"] and report["emulate_requested"]
     assert "Triton interpreter on" in report["device"] and "(emulated" in report["device"]
     assert report["levels"] == "L0-L5"
-    expected_skips = ROCM_UNDECLARED if name == "rocm" else set()
+    expected_skips = BELOW_16 if name in ("rocm", "xpu") else set()
     assert run.ids("not-supported") == expected_skips
     assert run.ids("passed") == set(run.outcomes()) - expected_skips
+    # Levels L1 and L2 get one case per declared block size, head size and dtype.
+    assert len(run.ids("passed")) == {"cuda": 65, "rocm": 57, "xpu": 58}[name]
     for level in ("L0", "L1", "L2", "L5"):
         assert any(r["level"] == level for r in report["results"])
     assert "emulated" in run.output

@@ -122,7 +122,7 @@ def test_a_crashing_kernel_costs_only_its_cases(suite_runs: SuiteRuns, backend: 
 
 
 def test_matrix_of_every_report(suite_runs: SuiteRuns, capsys: pytest.CaptureFixture[str]) -> None:
-    emulated = ["cuda-emulated", "rocm-emulated"]
+    emulated = ["cuda-emulated", "rocm-emulated", "xpu-emulated"]
     for name in ["cpu", "faulty_crash", *FAULTS, *emulated]:
         suite_runs.get(name)
     assert cli.main(["conformance", "--matrix", str(suite_runs.reports)]) == 0
@@ -130,12 +130,16 @@ def test_matrix_of_every_report(suite_runs: SuiteRuns, capsys: pytest.CaptureFix
     header = (
         "| check | cpu | cuda (emulated) | faulty_allreduce | faulty_crash | faulty_last_token "
     )
-    assert header + "| faulty_probe | faulty_write_kv | rocm (emulated) |" in lines
-    assert "| L4-all_reduce | pass | pass | **FAIL** | - | pass | **FAIL** | pass | pass |" in lines
+    assert header + "| faulty_probe | faulty_write_kv | rocm (emulated) | xpu (emulated) |" in lines
+    assert (
+        "| L4-all_reduce | pass | pass | **FAIL** | - | pass | **FAIL** | pass | pass | pass |"
+        in lines
+    )
     assert (
         "| L2-attention-mixed-fp32-bs16-h128-gqa2 | pass | pass | pass | **CRASH** | **FAIL** | "
-        "**FAIL** | pass | pass |"
+        "**FAIL** | pass | pass | pass |"
     ) in lines
     row = next(line for line in lines if line.startswith("| L2-write_kv-fp32-bs1-h64 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert (cells[2], cells[-1]) == ("pass", "n/s")  # cuda (emulated), rocm (emulated)
+    # cuda (emulated) declares block size 1; rocm and xpu (emulated) do not.
+    assert (cells[2], cells[-2], cells[-1]) == ("pass", "n/s", "n/s")

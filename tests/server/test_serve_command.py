@@ -40,8 +40,9 @@ def test_serve_flags() -> None:
         )
 
 
+@pytest.mark.parametrize(("device", "reason"), [("rocm", "rocm"), ("xpu", "built without XPU")])
 def test_missing_device_fails_before_loading(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], device: str, reason: str
 ) -> None:
     import crossinfer.engine.setup as setup
 
@@ -50,10 +51,11 @@ def test_missing_device_fails_before_loading(
 
     monkeypatch.setattr(setup, "open_model", no_loading)
     start = time.monotonic()
-    assert main(["serve", "--device", "rocm"]) == 2
+    monkeypatch.delenv("CROSSINFER_EMULATE", raising=False)
+    assert main(["serve", "--device", device]) == 2
     assert time.monotonic() - start < 30
     err = capsys.readouterr().err
-    assert err.startswith("crossinfer: error:") and "rocm" in err
+    assert err.startswith("crossinfer: error:") and reason in err
 
 
 def test_bench_serve_flags() -> None:

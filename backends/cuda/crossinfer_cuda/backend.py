@@ -8,6 +8,7 @@ import torch
 from crossinfer.backend import Capabilities, Probe
 from crossinfer_triton import AttentionTiles, TritonBackend
 from crossinfer_triton.devices import visible_device_count
+from crossinfer_triton.graphs import Capture, device_graph_capture
 
 INSTALL_HINT = (
     "install the CUDA build of torch (pip install torch --index-url "
@@ -29,7 +30,7 @@ class CudaBackend(TritonBackend):
             )
         if not torch.version.cuda:
             return Probe(False, f"torch {torch.__version__} was built without CUDA; {INSTALL_HINT}")
-        count = visible_device_count()
+        count = visible_device_count(torch.cuda)
         if count == 0:
             return Probe(
                 False,
@@ -56,6 +57,9 @@ class CudaBackend(TritonBackend):
         # 16-row decode tiles feed the tensor cores' smallest MMA; 64-key tiles keep a warp's
         # loads of a 16-token block's rows in flight.
         return AttentionTiles(block_m=16, block_m_prefill=64, block_n=64, num_warps=4)
+
+    def graph_capture(self) -> Capture:
+        return device_graph_capture(torch.cuda, torch.cuda.CUDAGraph)
 
 
 def nvidia_device_names(count: int) -> tuple[str, ...]:

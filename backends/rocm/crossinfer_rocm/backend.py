@@ -10,6 +10,7 @@ import torch
 from crossinfer.backend import Capabilities, Probe
 from crossinfer_triton import AttentionTiles, TritonBackend
 from crossinfer_triton.devices import visible_device_count
+from crossinfer_triton.graphs import Capture, device_graph_capture
 
 INSTALL_HINT = (
     "install the ROCm build of torch (pip install torch --index-url "
@@ -28,7 +29,7 @@ class RocmBackend(TritonBackend):
             return Probe(
                 False, f"torch {torch.__version__} is not a ROCm build ({built}); {INSTALL_HINT}"
             )
-        count = visible_device_count()
+        count = visible_device_count(torch.cuda)
         if count == 0:
             return Probe(
                 False,
@@ -57,3 +58,7 @@ class RocmBackend(TritonBackend):
         # Wavefronts of 64: 4 warps are 256 lanes, the same threads per program as 8 NVIDIA
         # warps, so fewer warps and wider key tiles; CDNA's MFMA takes 16-row tiles too.
         return AttentionTiles(block_m=16, block_m_prefill=64, block_n=64, num_warps=4)
+
+    def graph_capture(self) -> Capture:
+        # HIP graphs, under the torch.cuda names of ROCm builds of torch.
+        return device_graph_capture(torch.cuda, torch.cuda.CUDAGraph)

@@ -1,7 +1,10 @@
 """TritonBackend: the paged cache and attention of every Triton-capable GPU backend.
 
-A vendor package subclasses it and supplies what differs per vendor: the device probe, memory
-report, collectives, capabilities and launch tiles (see crossinfer_cuda, crossinfer_rocm).
+A vendor package subclasses it and supplies what differs per vendor: its torch device type,
+the device probe, capabilities, launch tiles and (optionally) graph capture (see
+crossinfer_cuda, crossinfer_rocm, crossinfer_xpu). The device itself is reached only through
+torch's module for that device type (``torch.get_device_module``: ``torch.cuda`` for NVIDIA
+and ROCm builds, ``torch.xpu`` for Intel), so nothing here is tied to one vendor.
 
 Emulation: with ``CROSSINFER_EMULATE=1`` in the environment when the backend is built (the
 conformance suite's ``--emulate`` sets it), the kernels run under Triton's interpreter on CPU
@@ -37,6 +40,7 @@ from crossinfer.backend import (
     Probe,
 )
 from crossinfer.distributed.communicator import TorchDistributedCommunicator
+from crossinfer_triton.graphs import Capture
 from crossinfer_triton.tiles import AttentionTiles
 
 EMULATED_CORES = 64
@@ -87,6 +91,11 @@ class TritonBackend(Backend):
         self._num_cores: int | None = None
         self._tiles: AttentionTiles | None = None
 
+    @property
+    def device_module(self) -> ModuleType:
+        """torch's module for this vendor's device type: ``torch.cuda``, ``torch.xpu``."""
+        return torch.get_device_module(self.torch_device_type)
+
     # -- what a vendor provides -------------------------------------------------------------
     @abc.abstractmethod
     def hardware_probe(self) -> Probe:
@@ -99,6 +108,17 @@ class TritonBackend(Backend):
     @abc.abstractmethod
     def hardware_tiles(self) -> AttentionTiles:
         """Launch parameters of the attention kernel on this vendor's GPUs."""
+
+    def graph_capture(self) -> Capture | None:
+        """How to capture decode graphs on this vendor's GPUs (``graphs.device_graph_capture``
+        with its graph type), or None (the default): every step runs eagerly. Called only when
+        the capabilities declare graph capture."""
+        return None
+
+    def compute_units(self, properties: object) -> int:
+        """Compute units in the device's properties (SMs, CUs): the split-K policy fills them.
+        The default reads ``multi_processor_count`` (NVIDIA; AMD's CUs under the same name)."""
+        return int(getattr(properties, "multi_processor_count"))  # noqa: B009
 
     # -- identity and discovery -------------------------------------------------------------
     def probe(self) -> Probe:
@@ -131,7 +151,7 @@ class TritonBackend(Backend):
     def device(self) -> torch.device:
         if self.emulated:
             return torch.device("cpu")
-        return torch.device(self.torch_device_type, torch.cuda.current_device())
+        return torch.device(self.torch_device_type, self.device_module.current_device())
 
     # -- memory -----------------------------------------------------------------------------
     def memory_info(self) -> MemoryInfo:
@@ -139,8 +159,15 @@ class TritonBackend(Backend):
             page = os.sysconf("SC_PAGE_SIZE")
             total = page * os.sysconf("SC_PHYS_PAGES")
             return MemoryInfo(total, page * os.sysconf("SC_AVPHYS_PAGES"))
-        free, total = torch.cuda.mem_get_info(self.device())
-        return MemoryInfo(total, free)
+        module, device = self.device_module, self.device()
+        try:
+            free, total = module.mem_get_info(device)
+        except (AttributeError, RuntimeError):
+            # Runtimes that cannot say what is free (older XPU drivers): the device's total,
+            # less what this process's allocator holds.
+            total = int(module.get_device_properties(device).total_memory)
+            free = total - int(module.memory_reserved(device))
+        return MemoryInfo(int(total), int(free))
 
     def allocate_kv_cache(self, spec: KVCacheSpec, num_blocks: int) -> list[torch.Tensor]:
         shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
@@ -194,32 +221,42 @@ class TritonBackend(Backend):
             if self.emulated:
                 self._num_cores = EMULATED_CORES
             else:
-                props = torch.cuda.get_device_properties(self.device())
-                self._num_cores = int(props.multi_processor_count)
+                props = self.device_module.get_device_properties(self.device())
+                self._num_cores = self.compute_units(props)
         return self._num_cores
 
     # -- collectives ------------------------------------------------------------------------
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         if self.emulated:
             return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        # "nccl" on both vendors: ROCm's torch.distributed runs RCCL under that name.
+        module = self.device_module
+        module.set_device(rank % module.device_count())
+        # "nccl" on NVIDIA and AMD (ROCm's torch.distributed runs RCCL under that name),
+        # "xccl" on Intel.
         pg_backend = self.hardware_capabilities().distributed_backend
-        return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend=pg_backend)
+        communicator = TorchDistributedCommunicator(rank, world_size, init_method, pg_backend)
+        # One collective now: the first sets up the library's communicators (slow, and on
+        # some runtimes lazily), so it should not land in the first step.
+        communicator.all_reduce(torch.zeros(1, device=self.device()))
+        return communicator
 
     # -- execution --------------------------------------------------------------------------
     def synchronize(self) -> None:
         if not self.emulated:
-            torch.cuda.synchronize(self.device())
+            self.device_module.synchronize(self.device())
 
     def seed(self, seed: int) -> None:
-        torch.manual_seed(seed)  # seeds every CUDA/HIP device too
+        torch.manual_seed(seed)  # seeds every accelerator of the build too
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Replay decode steps from device graphs (see crossinfer_triton.graphs) when the
-        capabilities declare graph capture and CROSSINFER_ENFORCE_EAGER is not "1"."""
+        capabilities declare graph capture, the vendor says how to capture, and
+        CROSSINFER_ENFORCE_EAGER is not "1"."""
         if not self.capabilities().graph_capture or os.environ.get(ENFORCE_EAGER_ENV) == "1":
             return model
-        from crossinfer_triton.graphs import GraphedDecode, cuda_graph_capture
+        capture = self.graph_capture()
+        if capture is None:
+            return model
+        from crossinfer_triton.graphs import GraphedDecode
 
-        return GraphedDecode(model, cuda_graph_capture())
+        return GraphedDecode(model, capture)

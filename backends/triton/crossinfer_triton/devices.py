@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from types import ModuleType
 
 
-def visible_device_count() -> int:
-    """Devices torch can use; torch.cuda.device_count() asks NVML or the runtime without
-    initialising torch's CUDA state. Any failure means none."""
+def visible_device_count(device_module: ModuleType) -> int:
+    """Devices torch can use through ``device_module`` (``torch.cuda``, ``torch.xpu``):
+    ``device_count()`` asks the driver or runtime without initialising torch's device state.
+    Any failure means none."""
     try:
-        return int(torch.cuda.device_count())
+        return int(device_module.device_count())
     except Exception:
         return 0

@@ -1,4 +1,5 @@
-"""Decode steps replayed from captured device graphs (CUDA graphs; HIP graphs on ROCm).
+"""Decode steps replayed from captured device graphs (CUDA graphs; HIP graphs on ROCm; XPU
+graphs where a vendor turns them on).
 
 A decode step launches a few hundred small kernels whose launch cost, at small batch, rivals
 their run time. :class:`GraphedDecode` wraps the model (gpt-fast style: a transform, the model
@@ -16,6 +17,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -29,19 +31,21 @@ Capture = Callable[[Callable[[], torch.Tensor]], tuple[torch.Tensor, Callable[[]
 """Records ``fn`` once; returns its output buffer and a function that replays it."""
 
 
-def cuda_graph_capture() -> Capture:
-    """Capture with torch.cuda.CUDAGraph, all graphs sharing one memory pool."""
+def device_graph_capture(device_module: ModuleType, graph_type: type) -> Capture:
+    """Capture with ``graph_type`` (``torch.cuda.CUDAGraph``, ``torch.xpu.XPUGraph``) through
+    its device module's streams and ``graph`` context, all graphs sharing one memory pool.
+    The vendor names both; nothing here is tied to one vendor."""
     pool: list[Any] = []  # the first graph's pool handle
 
     def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Callable[[], None]]:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: autotuning and allocations happen here
+        side = device_module.Stream()
+        side.wait_stream(device_module.current_stream())
+        with device_module.stream(side):  # warm up: autotuning and allocations happen here
             for _ in range(2):
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool[0] if pool else None):
+        device_module.current_stream().wait_stream(side)
+        graph = graph_type()
+        with device_module.graph(graph, pool=pool[0] if pool else None):
             out = fn()
         if not pool:
             pool.append(graph.pool())

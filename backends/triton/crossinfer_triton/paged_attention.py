@@ -234,7 +234,7 @@ def paged_attention(
         BLOCK_N=tiles.block_n,
         NUM_SPLITS=splits,
         DOT_FP32=tiles.dot_fp32,
-        num_warps=tiles.num_warps,
+        **tiles.launch_options(),
     )
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

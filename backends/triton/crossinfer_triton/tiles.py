@@ -22,3 +22,13 @@ class AttentionTiles:
     max_splits: int = 16
     dot_fp32: bool = False
     """Cast tl.dot operands to fp32 (the interpreter computes bf16 dots wrongly)."""
+    threads_per_warp: int | None = None
+    """Lanes of a warp (Intel: a sub-group) where the vendor's Triton takes it as a launch
+    option; None leaves the option out (NVIDIA's and AMD's Triton refuse it)."""
+
+    def launch_options(self) -> dict[str, int]:
+        """The attention kernel's launch options."""
+        options = {"num_warps": self.num_warps}
+        if self.threads_per_warp is not None:
+            options["threads_per_warp"] = self.threads_per_warp
+        return options
