@@ -139,7 +139,7 @@ def test_a_name_registered_twice_is_refused() -> None:
 def test_other_major_version_is_refused_without_constructing_it() -> None:
     old = describe_extension(_extension("old", _backend_class("old", api=(0, 9))))
     assert (old.api, old.available, old.backend) == ("0.9", False, None)
-    assert old.reason.startswith("api 0.9 is not compatible with this crossinfer (contract 1.1)")
+    assert old.reason.startswith("api 0.9 is not compatible with this crossinfer (contract 1.2)")
     assert "upgrade the plugin" in old.reason
 
 
@@ -321,9 +321,11 @@ def _row(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_rows_come_in_auto_order(child_report: dict[str, Any]) -> None:
     names = [row["name"] for row in child_report["rows"]]
-    # cuda, rocm and xpu are installed by make test; without their GPUs they are listed,
-    # unavailable.
-    assert names == ["cuda", "rocm", "xpu", "cpu", "absent", "broken", "example", "future"]
+    # cuda, rocm, xpu and tpu are installed by make test; without their devices (or torch-xla)
+    # they are listed, unavailable.
+    assert names == [
+        "cuda", "rocm", "xpu", "tpu", "cpu", "absent", "broken", "example", "future"
+    ]  # fmt: skip
 
 
 def test_out_of_tree_example_is_listed_available(child_report: dict[str, Any]) -> None:
@@ -342,7 +344,7 @@ def test_cpu_is_still_listed_available(child_report: dict[str, Any]) -> None:
     cpu = _row(child_report, "cpu")
     assert (cpu["package"], cpu["api"], cpu["available"], cpu["reason"]) == (
         "crossinfer",
-        "1.1",
+        "1.2",
         True,
         "",
     )
@@ -371,7 +373,7 @@ def test_future_api_names_both_versions(child_report: dict[str, Any]) -> None:
         False,
     )
     assert future["reason"].startswith(
-        "api 2.0 is not compatible with this crossinfer (contract 1.1); upgrade crossinfer"
+        "api 2.0 is not compatible with this crossinfer (contract 1.2); upgrade crossinfer"
     )
 
 
@@ -381,7 +383,7 @@ def test_resolve_device_in_child(child_report: dict[str, Any]) -> None:
     assert resolved["auto"] == "CpuBackend"
     assert resolved["nope"].startswith(
         "DeviceError: --device nope: no backend of that name is installed; "
-        "known: auto, absent, broken, cpu, cuda, example, future, rocm, xpu "
+        "known: auto, absent, broken, cpu, cuda, example, future, rocm, tpu, xpu "
     )
     assert resolved["absent"] == (
         "DeviceError: --device absent is not available: "
@@ -399,7 +401,7 @@ def test_backends_command_prints_an_aligned_table(child: _Child) -> None:
     assert header.split() == ["name", "package", "version", "api", "available", "reason", "devices"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == [
-        "absent", "broken", "cpu", "cuda", "example", "future", "rocm", "xpu"
+        "absent", "broken", "cpu", "cuda", "example", "future", "rocm", "tpu", "xpu"
     ]  # fmt: skip
     assert rows["example"].split() == [
         "example",

@@ -15,6 +15,19 @@ The model of the world:
   (``slot = block_id * block_size + offset``).
 * Attention reads keys and values from the paged cache only, after ``write_kv`` has written
   the step's new tokens, so prefill, cached-prefix prefill and decode are the same operation.
+  A sequence may read blocks that another sequence of the same step writes (a prefix-cache
+  hit on a block filled in this step, by a sequence earlier in the batch): a kernel that fuses
+  the write into the attention must finish every sequence's writes before any of them reads,
+  or process the sequences in batch order.
+* Compiled devices (since 1.2): a backend that compiles one graph per tensor shape declares
+  ``static_shapes``; the engine then pads every step to its buckets. Padded tokens write only
+  into the sink block (``StaticShapes.pad_block``), which the block pool never hands out; a
+  padded sequence has no tokens, a zero context and a block-table row of sink blocks.
+  ``write_kv`` may return the new cache (``Capabilities.kv_update == "functional"``); the
+  engine then uses that tensor from there on. ``begin_step`` / ``end_step`` frame each step
+  (an XLA device cuts its graph there), ``set_compile_cache_dir`` names where compiled graphs
+  persist, and ``compiled_graph_count`` lets the engine check that nothing recompiles after
+  its warm-up.
 
 Optional members have defaults that never raise. The integer ``CONTRACT_VERSION`` major is
 checked at load: a backend built for another major version is refused and both are named.
@@ -24,10 +37,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-CONTRACT_VERSION: tuple[int, int] = (1, 1)
+CONTRACT_VERSION: tuple[int, int] = (1, 2)
 """(major, minor). A major bump breaks backends; a minor bump only adds optional members."""
 
 EMULATE_ENV = "CROSSINFER_EMULATE"
@@ -76,6 +90,60 @@ class Capabilities:
     warp_size: int = 1
     """Lanes that execute in lockstep (32 on NVIDIA, 64 on AMD CDNA wavefronts, 1 where the
     notion does not apply); block sizes and launch tiles are chosen to fill them. Since 1.1."""
+    kv_update: Literal["in_place", "functional"] = "in_place"
+    """How ``write_kv`` updates the cache: in place (it returns None), or functionally (it
+    returns the new cache tensor, which replaces the one passed in). Since 1.2."""
+    native_attention: bool = True
+    """False when ``attention`` runs a reference implementation in place of the backend's own
+    kernel (an emulated compiled device whose kernel runs only on the hardware). Since 1.2."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine's configuration lets a step hold (core -> backend). Since 1.2."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+
+@dataclass(frozen=True)
+class StaticShapes:
+    """The shapes a compiled-graph backend runs (backend -> core). Since 1.2.
+
+    Every step is padded to the smallest token bucket that holds its tokens, the smallest
+    sequence bucket that holds its sequences and the narrowest block-table width that holds
+    its longest sequence; the engine compiles every combination once at start (a warm-up) and
+    then checks that nothing compiles again.
+    """
+
+    token_buckets: tuple[int, ...]
+    """Ascending token counts; the last caps the engine's token budget per step."""
+    seq_buckets: tuple[int, ...]
+    """Ascending sequence counts; the last caps the sequences per step."""
+    block_table_widths: tuple[int, ...]
+    """Ascending block-table widths; the last must hold a whole ``max_model_len`` sequence."""
+    pad_block: int = 0
+    """The sink: padded tokens write here; the block pool never hands it out."""
+    decode_first: bool = False
+    """Order each step's decoding sequences before its prefill chunks."""
+    split_prefill_decode: bool = False
+    """Never put prefill chunks and decodes in the same step."""
+    sample_on_host: bool = True
+    """Copy the (padded) logits to the host and sample there."""
+    max_num_seqs: int | None = None
+    """A cap of the backend's on the sequences per step (below the engine's, if set)."""
+
+    def __post_init__(self) -> None:
+        for name in ("token_buckets", "seq_buckets", "block_table_widths"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
+                raise ValueError(f"StaticShapes.{name} must be ascending positive integers")
 
 
 @dataclass(frozen=True)
@@ -128,9 +196,16 @@ class AttentionBatch:
     max_seq_len: int
     """Largest context length in the batch."""
     query_lens_cpu: tuple[int, ...]
-    """Host copy of the per-sequence query lengths, for kernels that plan on the host."""
+    """Host copy of the per-sequence query lengths, for kernels that plan on the host (empty in
+    a padded batch: a compiled graph must not depend on them)."""
     seq_lens_cpu: tuple[int, ...]
-    """Host copy of ``seq_lens``."""
+    """Host copy of ``seq_lens`` (empty in a padded batch)."""
+    token_seq: torch.Tensor | None = None
+    """[num_tokens] int32, padded batches only (since 1.2): the sequence each token belongs
+    to; padded tokens name a padded sequence."""
+    token_pos: torch.Tensor | None = None
+    """[num_tokens] int32, padded batches only (since 1.2): each token's position in its
+    sequence; 0 for padded tokens, which attend only to the sink."""
 
     @property
     def num_seqs(self) -> int:
@@ -231,11 +306,14 @@ class Backend(abc.ABC):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
-    ) -> None:
+    ) -> torch.Tensor | None:
         """Store the step's new keys and values into one layer's cache.
 
         key, value: [num_tokens, num_kv_heads, head_size]; slot_mapping: [num_tokens] int64.
-        Only the named slots change.
+        Only the named slots change. Returns None when the cache was updated in place, or the
+        new cache (``Capabilities.kv_update == "functional"``), which the engine passes to
+        ``attention`` and to every later call instead of the old one. In a padded batch the
+        padded tokens' slots lie in the sink block.
         """
 
     @abc.abstractmethod
@@ -272,3 +350,25 @@ class Backend(abc.ABC):
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Optionally transform a loaded model (compile, capture graphs). Default: unchanged."""
         return model
+
+    # -- compiled devices (since 1.2) -------------------------------------------------------
+    def static_shapes(self, limits: EngineLimits) -> StaticShapes | None:
+        """The buckets this backend compiles for these limits, or None (the default): a
+        dynamic backend, which gets each step's exact shapes."""
+        return None
+
+    def begin_step(self) -> None:  # noqa: B027 - optional member with a no-op default
+        """Called before the engine builds a step's inputs. The default does nothing."""
+
+    def end_step(self) -> None:  # noqa: B027 - optional member with a no-op default
+        """Called once a step's model and logits are queued, before their results are read
+        (an XLA device cuts and dispatches its graph here). The default does nothing."""
+
+    def set_compile_cache_dir(self, path: str) -> None:  # noqa: B027 - optional, no-op
+        """Where compiled graphs persist across restarts; called before the model loads. The
+        default does nothing (nothing is compiled ahead)."""
+
+    def compiled_graph_count(self) -> int | None:
+        """How many graphs this process has compiled so far, or None (the default: the
+        backend does not compile). The engine checks that it stays put after warm-up."""
+        return None

@@ -55,6 +55,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: a random seed per process, so they cannot be predicted)",
     )
     parser.add_argument(
+        "--compile-cache-dir",
+        default=None,
+        help="where a compiling backend (tpu) keeps its graphs across restarts (default: "
+        "$XDG_CACHE_HOME/crossinfer/compile/<backend>)",
+    )
+    parser.add_argument(
         "--max-logprobs",
         type=int,
         default=20,
@@ -79,5 +85,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         prefix_cache_seed=args.prefix_cache_seed,
         max_logprobs=args.max_logprobs,
+        compile_cache_dir=args.compile_cache_dir,
         seed=args.seed,
     )

@@ -352,7 +352,9 @@ def test_reset_prefix_cache_is_refused_while_blocks_are_in_use() -> None:
 
 
 def test_constructor_rejects_empty_sizes() -> None:
-    with pytest.raises(ValueError, match="num_blocks must be at least 1, got 0"):
+    with pytest.raises(
+        ValueError, match="num_blocks must leave at least 1 block besides the 0 reserved, got 0"
+    ):
         KVCacheManager(0, 16)
     with pytest.raises(ValueError, match="block_size must be at least 1, got 0"):
         KVCacheManager(16, 0)
@@ -464,3 +466,12 @@ def test_random_operations_keep_invariants(seed: int) -> None:
     for rid in sorted(model.computed):
         model.free(rid)
     assert model.kv.num_free_blocks == model.kv.num_blocks
+
+
+def test_reserved_blocks_are_never_handed_out() -> None:
+    kv = KVCacheManager(4, BLOCK_SIZE, reserved=frozenset({0}))
+    assert kv.num_blocks == 3 and kv.num_free_blocks == 3
+    assert admit(kv, "a", toks(12)) == [1, 2, 3]
+    assert kv.allocate("b", toks(1), 1) is None  # block 0 stays the sink
+    kv.free("a")
+    assert kv.usage == 0.0 and 0 not in kv.pool.free_block_ids()

@@ -12,6 +12,9 @@ when; the pool keeps the three structures consistent:
   the free list. Only when `take_free` hands it out for other content is its hash dropped.
 
 Invariant: ``block_hash(b) == h`` exactly when ``lookup(h) == b``; a hash maps to one block.
+
+Reserved blocks (a compiled backend's sink for padded writes) are never free and never handed
+out; they exist only so that block ids stay the device's.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ BlockHash = bytes  # a digest identifying a full block's content and everything 
 class BlockPool:
     """A fixed set of ``num_blocks`` KV-cache blocks with reference counts and lazy eviction."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, reserved: frozenset[int] = frozenset()) -> None:
         self.num_blocks = num_blocks
+        self.reserved = reserved
         self._ref_counts = [0] * num_blocks
         # Hash each block is registered under in `_block_by_hash`, or None when it is not.
         self._hashes: list[BlockHash | None] = [None] * num_blocks
@@ -34,7 +38,9 @@ class BlockPool:
         # popitem(last=False) takes the least recently freed block, `del` revives one from the
         # middle, and assignment appends a newly freed block at the most recent end.
         # Fresh blocks start in id order so that a new pool hands out 0, 1, 2, ...
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(
+            b for b in range(num_blocks) if b not in reserved
+        )
 
     @property
     def num_free_blocks(self) -> int:
@@ -104,7 +110,7 @@ class BlockPool:
 
     def reset_hashes(self) -> bool:
         """Forget every hash; refused (False) while any block is in use."""
-        if len(self._free) != self.num_blocks:
+        if len(self._free) != self.num_blocks - len(self.reserved):
             return False
         self._block_by_hash.clear()
         self._hashes = [None] * self.num_blocks

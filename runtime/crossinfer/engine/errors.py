@@ -33,3 +33,8 @@ def public_message(error: BaseException, request_id: str) -> str:
     if isinstance(error, RequestError):
         return str(error)
     return f"internal error while generating (request {request_id}); see the server log"
+
+
+class RecompileError(EngineFatalError):
+    """A compiled backend compiled a graph after warm-up, and the engine was told to fail on
+    that (``EngineConfig.fail_on_recompile``, for tests)."""

@@ -80,7 +80,8 @@ class KVCacheManager:
     With prefix caching off nothing is counted.
 
     ``hash_seed``: None (the default) draws a random root for the block hashes; bytes make
-    them reproducible across processes.
+    them reproducible across processes. ``reserved``: block ids never handed out (a compiled
+    backend's sink block); ``num_blocks`` counts the others.
     """
 
     def __init__(
@@ -89,17 +90,21 @@ class KVCacheManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         hash_seed: bytes | None = None,
+        reserved: frozenset[int] = frozenset(),
     ) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        if num_blocks - len(reserved) < 1:
+            raise ValueError(
+                f"num_blocks must leave at least 1 block besides the {len(reserved)} reserved, "
+                f"got {num_blocks}"
+            )
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks - len(reserved)
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.num_prefix_queried_tokens = 0
         self.num_prefix_hit_tokens = 0
-        self._pool = BlockPool(num_blocks)
+        self._pool = BlockPool(num_blocks, reserved)
         self._requests: dict[str, _RequestBlocks] = {}
         self._root = root_hash(secrets.token_bytes(32) if hash_seed is None else hash_seed)
 

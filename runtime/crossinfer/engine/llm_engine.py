@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from crossinfer.engine.detokenizer import IncrementalDetokenizer
-from crossinfer.engine.errors import RequestError, public_message
+from crossinfer.engine.errors import RecompileError, RequestError, public_message
 from crossinfer.engine.groups import RequestGroup, Sample
 from crossinfer.engine.isolation import execute_isolating
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.request import Request, RequestStatus
 from crossinfer.engine.runner import StepResult
 from crossinfer.engine.sampler import SampledToken, make_generator
-from crossinfer.engine.scheduler import ScheduledChunk, Scheduler
+from crossinfer.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from crossinfer.engine.setup import EngineConfig, EngineParts, LoadedModel, build_engine_parts
 from crossinfer.sampling_params import SamplingParams
 
@@ -149,6 +149,7 @@ class LLMEngine:
         """One forward pass. Returns the outputs of every request group it advanced or ended."""
         output = self.scheduler.schedule()
         result, failures = execute_isolating(self.runner, output)
+        self._check_recompiles(output)
         failures += [(request.request_id, error) for request, error in output.failed]
         failures += [(rid, _no_finite_logit()) for rid in result.unsampleable]
         failed = {rid for rid, _ in failures}
@@ -172,6 +173,19 @@ class LLMEngine:
                 for sample in group.samples:
                     self._samples.pop(sample.request.request_id, None)
         return results
+
+    def _check_recompiles(self, output: SchedulerOutput) -> None:
+        grown = self.runner.new_graphs()
+        if not grown:
+            return
+        shape = [(c.num_computed_tokens, c.num_new_tokens) for c in output.chunks]
+        message = (
+            f"{grown} graph(s) compiled after warm-up, in a step of {len(output.chunks)} "
+            f"sequences (computed, new tokens: {shape[:8]})"
+        )
+        if self.config.fail_on_recompile:
+            raise RecompileError(message)
+        logger.warning("%s; every later step of that shape reuses it", message)
 
     def _apply(
         self, chunk: ScheduledChunk, result: StepResult, touched: dict[str, RequestGroup]

@@ -1,17 +1,29 @@
-"""Device work of one step: SchedulerOutput -> tensors -> model -> logits -> tokens."""
+"""Device work of one step: SchedulerOutput -> tensors -> model -> logits -> tokens.
+
+Two paths: a dynamic backend gets each step's exact shapes; a compiled backend (one that
+declares ``StaticShapes``) gets the step padded to its buckets (engine/static_batch.py),
+logits at a padded list of rows, and sampling on the host. Each step is framed by the
+backend's ``begin_step`` and ``end_step``.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
-from crossinfer.backend import Backend
+from crossinfer.backend import Backend, StaticShapes
 from crossinfer.engine.batch import build_attention_batch
-from crossinfer.engine.prompt_logprobs import PromptScores, score_tokens
+from crossinfer.engine.prompt_logprobs import ROWS_PER_SLICE, PromptScores, score_tokens
 from crossinfer.engine.sampler import SampledToken, SamplingError, SamplingRow, sample
 from crossinfer.engine.scheduler import ScheduledChunk, SchedulerOutput
+from crossinfer.engine.static_batch import all_shapes, build_padded_step
 from crossinfer.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger("crossinfer.engine")
 
 
 @dataclass(frozen=True)
@@ -36,22 +48,42 @@ class ModelRunner:
         backend: Backend,
         kv_caches: list[torch.Tensor],
         block_size: int,
+        static: StaticShapes | None = None,
+        max_logprobs: int = 20,
     ) -> None:
         self.model = model
         self.backend = backend
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = backend.device()
+        self.static = static
+        self.max_logprobs = max_logprobs  # compiled backends take this many top logprobs
+        self._graphs_seen: int | None = None  # compiled graphs counted after the warm-up
 
-    @torch.inference_mode()
+    def _no_grad(self) -> torch.autograd.grad_mode.no_grad | torch.inference_mode:
+        # Compiled-graph devices run under no_grad: torch-xla cannot take inference tensors
+        # ("Cannot set version_counter for inference tensor"), and a compiler should see the
+        # same kind of tensor at every step.
+        return torch.no_grad() if self.static is not None else torch.inference_mode()
+
     def execute(self, output: SchedulerOutput) -> StepResult:
         """Run one step: copy blocks, run the model over every chunk, score the prompt rows
         that were asked for, and sample each chunk that reaches the end of its tokens."""
+        with self._no_grad():
+            return self._execute(output)
+
+    def _execute(self, output: SchedulerOutput) -> StepResult:
+        self.backend.begin_step()
         if output.blocks_to_copy:
             pairs = torch.tensor(output.blocks_to_copy, dtype=torch.int64, device=self.device)
             self.backend.copy_blocks(self.kv_caches, pairs)
+            if self.static is not None:  # the copies are a graph of their own (warmed up)
+                self.backend.synchronize()
         if output.is_empty:
+            self.backend.end_step()
             return StepResult()
+        if self.static is not None:
+            return self._execute_padded(output.chunks, self.static)
         input_ids, positions = self._inputs(output.chunks)
         query_lens = [c.num_new_tokens for c in output.chunks]
         batch = build_attention_batch(
@@ -66,12 +98,79 @@ class ModelRunner:
 
         sampling = [i for i, c in enumerate(output.chunks) if c.samples]
         if not sampling:
+            self.backend.end_step()
             return StepResult(prompt_scores=scores)
         last_rows = batch.query_start_loc[1:][torch.tensor(sampling, device=self.device)] - 1
         logits = self.model.compute_logits(hidden[last_rows])  # [num_sampling, vocab]
+        self.backend.end_step()
         chunks = [output.chunks[i] for i in sampling]
         sampled, unsampleable = self._sample(logits, chunks)
         return StepResult(sampled, scores, unsampleable)
+
+    def _execute_padded(
+        self, chunks: tuple[ScheduledChunk, ...], static: StaticShapes
+    ) -> StepResult:
+        step = build_padded_step(chunks, static, self.block_size, self.device)
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.batch)
+        # [num_seqs bucket, vocab]: a row per sequence slot, the real ones first
+        logits = self.model.compute_logits(hidden.index_select(0, step.logits_indices))
+        self.backend.end_step()  # the step's graph ends here: model and logits
+        query_lens = [c.num_new_tokens for c in chunks]
+        scores = self._prompt_scores(chunks, hidden, query_lens, self.max_logprobs)
+        if static.sample_on_host:
+            logits = logits.cpu()
+        sampling = [c for c in chunks if c.samples]
+        if not sampling:
+            return StepResult(prompt_scores=scores)
+        sampled, unsampleable = self._sample(logits[: step.num_sampling], sampling)
+        return StepResult(sampled, scores, unsampleable)
+
+    # -- compiled backends: warm-up and the recompile check ---------------------------------
+    def warm_up(self, progress: bool = True) -> tuple[int, float]:
+        """Run every shape the backend declared once (all of it padding, written to the sink),
+        so each graph is compiled before serving: the step at each shape, prompt scoring at
+        each token bucket, a block copy. Then start counting graphs. Returns (shapes run,
+        seconds)."""
+        assert self.static is not None
+        with self._no_grad():
+            return self._warm_up(self.static, progress)
+
+    def _warm_up(self, static: StaticShapes, progress: bool) -> tuple[int, float]:
+        start = time.monotonic()
+        # Work still queued (weights and caches on a lazy device) would join the first step's
+        # graph, making it a graph no later step repeats.
+        self.backend.synchronize()
+        shapes = all_shapes(static)
+        scored: set[int] = set()
+        for shape in tqdm(shapes, desc="compiling step shapes", disable=not progress):
+            self.backend.begin_step()
+            step = build_padded_step((), static, self.block_size, self.device, shape)
+            hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.batch)
+            logits = self.model.compute_logits(hidden.index_select(0, step.logits_indices))
+            self.backend.end_step()
+            if shape.num_tokens not in scored:  # prompt scoring reads this step's rows
+                scored.add(shape.num_tokens)
+                targets = [0] * min(ROWS_PER_SLICE, shape.num_tokens)
+                top = self.max_logprobs
+                score_tokens(self.model.compute_logits, hidden, 0, targets, top, top)
+            if static.sample_on_host:
+                logits.cpu()
+        sink = static.pad_block
+        pairs = torch.tensor([[sink, sink]], dtype=torch.int64, device=self.device)
+        self.backend.copy_blocks(self.kv_caches, pairs)  # n > 1 forks copy blocks
+        self.backend.synchronize()
+        self._graphs_seen = self.backend.compiled_graph_count()
+        return len(shapes), time.monotonic() - start
+
+    def new_graphs(self) -> int:
+        """Graphs compiled since the warm-up (or the last call); 0 for dynamic backends."""
+        if self._graphs_seen is None:
+            return 0
+        count = self.backend.compiled_graph_count()
+        if count is None:
+            return 0
+        grown, self._graphs_seen = count - self._graphs_seen, count
+        return grown
 
     def _sample(
         self, logits: torch.Tensor, chunks: list[ScheduledChunk]
@@ -81,13 +180,13 @@ class ModelRunner:
         rows, owners = self._sampling_rows(chunks)
         keep = list(range(len(chunks)))
         try:
-            tokens = sample(logits[torch.tensor(owners, device=self.device)], rows)
+            tokens = sample(logits[torch.tensor(owners, device=logits.device)], rows)
         except SamplingError as exc:
             bad = {owners[r] for r in exc.rows}
             keep = [i for i in keep if i not in bad]
             picked = [r for r, owner in enumerate(owners) if owner not in bad]
             owners = [owners[r] for r in picked]
-            index = torch.tensor(owners, dtype=torch.long, device=self.device)
+            index = torch.tensor(owners, dtype=torch.long, device=logits.device)
             tokens = sample(logits.index_select(0, index), [rows[r] for r in picked])
         sampled: dict[str, list[SampledToken]] = {chunks[i].request.request_id: [] for i in keep}
         for owner, token in zip(owners, tokens, strict=True):
@@ -96,7 +195,11 @@ class ModelRunner:
         return sampled, failed
 
     def _prompt_scores(
-        self, chunks: tuple[ScheduledChunk, ...], hidden: torch.Tensor, query_lens: list[int]
+        self,
+        chunks: tuple[ScheduledChunk, ...],
+        hidden: torch.Tensor,
+        query_lens: list[int],
+        fixed_top: int | None = None,
     ) -> dict[str, PromptScores]:
         """Row ``p`` of a prompt chunk scores prompt token ``p + 1``; the last prompt row
         belongs to the first sampled token instead."""
@@ -112,9 +215,11 @@ class ModelRunner:
                     start + 1,
                     score_tokens(
                         self.model.compute_logits,
-                        hidden[row : row + end - start],
+                        hidden,
+                        row,
                         request.prompt_token_ids[start + 1 : end + 1],
                         num_top,
+                        fixed_top,
                     ),
                 )
             row += num_rows

@@ -31,6 +31,10 @@ class SchedulerConfig:
     """Most tokens in one step (the token budget)."""
     max_model_len: int
     """Longest sequence (prompt plus output) a request may reach."""
+    decode_first: bool = False
+    """Order each step's decodes before its prefill chunks."""
+    split_prefill_decode: bool = False
+    """Never schedule prefill chunks and decodes in the same step."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """True when the chunk reaches the end of the known tokens, so a token is sampled."""
         return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """True when the chunk computes a generated token (the prompt is in the cache)."""
+        return self.num_computed_tokens >= self.request.num_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._pending_copies: list[tuple[int, int]] = []
+        self._last_was_decode = False  # split_prefill_decode: which kind ran last
 
     # -- admission --------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> str | None:
@@ -120,14 +130,42 @@ class Scheduler:
     # -- the step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Decide the next step. Mutates queues and block ownership, never tensors."""
-        budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         failed: list[tuple[Request, BaseException]] = []
+        if not self.config.split_prefill_decode:
+            self._fill(None, chunks, preempted, failed)
+        else:
+            decode_step = self._decode_step()
+            self._fill(decode_step, chunks, preempted, failed)
+            if not chunks:  # that kind can do nothing now (no blocks to admit): the other
+                decode_step = not decode_step
+                self._fill(decode_step, chunks, preempted, failed)
+            if chunks:
+                self._last_was_decode = decode_step
+        if self.config.decode_first:
+            chunks.sort(key=lambda c: not c.is_decode)  # stable: arrival order within a kind
+        copies, self._pending_copies = tuple(self._pending_copies), []
+        return SchedulerOutput(tuple(chunks), copies, tuple(preempted), tuple(failed))
 
+    def _fill(
+        self,
+        decode_step: bool | None,
+        chunks: list[ScheduledChunk],
+        preempted: list[str],
+        failed: list[tuple[Request, BaseException]],
+    ) -> None:
+        """Running requests first (only decodes, or only prefills, when ``decode_step`` says
+        which), then admissions while budget, sequences and blocks allow."""
+        budget = self.config.max_num_batched_tokens
         index = 0
-        while index < len(self.running) and budget > 0:
+        # Forked samples join the running list directly, so it may outgrow max_num_seqs: the
+        # step takes the oldest that fit, the others wait for the next.
+        while index < len(self.running) and budget > 0 and len(chunks) < self.config.max_num_seqs:
             request = self.running[index]
+            if decode_step is not None and _is_decoding(request) != decode_step:
+                index += 1  # the other kind's turn comes in another step
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             try:
                 block_ids = self._allocate_or_preempt(request, num_new, preempted)
@@ -139,12 +177,17 @@ class Scheduler:
             chunks.append(self._chunk(request, num_new, block_ids))
             budget -= num_new
             index += 1
+        if not preempted and not decode_step:
+            self._admit_waiting(budget, chunks, failed)
 
-        if not preempted:
-            budget = self._admit_waiting(budget, chunks, failed)
-
-        copies, self._pending_copies = tuple(self._pending_copies), []
-        return SchedulerOutput(tuple(chunks), copies, tuple(preempted), tuple(failed))
+    def _decode_step(self) -> bool:
+        """For split_prefill_decode: whether this step decodes (else it prefills). The kinds
+        take turns while both have work."""
+        decodes = any(_is_decoding(r) for r in self.running)
+        prefills = bool(self.waiting) or any(not _is_decoding(r) for r in self.running)
+        if decodes and prefills:
+            return not self._last_was_decode
+        return decodes
 
     def _fail(
         self, request: Request, error: BaseException, failed: list[tuple[Request, BaseException]]
@@ -237,3 +280,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv_cache.free(request.request_id)
+
+
+def _is_decoding(request: Request) -> bool:
+    """The request's prompt is in the cache: its next chunk is a decode."""
+    return request.num_computed_tokens >= request.num_prompt_tokens

@@ -4,12 +4,13 @@ device first (a missing one fails before any loading), then model, then the KV c
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from crossinfer.backend import Backend, KVCacheSpec
+from crossinfer.backend import Backend, EngineLimits, KVCacheSpec, StaticShapes
 from crossinfer.engine.kv_cache import KVCacheManager
 from crossinfer.engine.runner import ModelRunner
 from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
@@ -54,6 +55,11 @@ class EngineConfig:
     default) draws a random per-process seed, so they cannot be predicted from outside."""
     max_logprobs: int = 20
     """Most ``logprobs`` / ``prompt_logprobs`` a request may ask for (vLLM's --max-logprobs)."""
+    compile_cache_dir: str | None = None
+    """Where a compiling backend keeps its graphs across restarts; None: under the user's
+    cache directory (``$XDG_CACHE_HOME/crossinfer/compile/<backend>``)."""
+    fail_on_recompile: bool = False
+    """Raise (instead of logging) when a compiled backend compiles a graph after warm-up."""
     seed: int = 0
 
 
@@ -82,10 +88,12 @@ class EngineParts:
     runner: ModelRunner
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
-    """Resolve the device (failing before any loading), then load weights and tokenizer."""
-    backend = resolve_device(config.device)
+def load_model(config: EngineConfig, backend: Backend | None = None) -> LoadedModel:
+    """Resolve the device (failing before any loading), then load weights and tokenizer.
+    ``backend``: use this instance instead of resolving ``config.device``."""
+    backend = backend or resolve_device(config.device)
     backend.seed(config.seed)
+    backend.set_compile_cache_dir(config.compile_cache_dir or _default_compile_cache(backend))
     files = open_model(config.model)
     dtype = _pick_dtype(config.dtype, backend.capabilities().dtypes, backend.name)
     max_model_len = _max_model_len(config, files)
@@ -118,7 +126,17 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         )
     args = loaded.model.args
     spec = KVCacheSpec(args.num_layers, args.num_kv_heads, args.head_dim, block_size, loaded.dtype)
+    limits = EngineLimits(
+        config.max_num_batched_tokens, config.max_num_seqs, max_model_len, block_size
+    )
+    static = backend.static_shapes(limits)
+    limits = _fit_limits(limits, static, backend.name)
     num_blocks = _num_kv_blocks(config, backend, spec, max_model_len)
+    if static is not None and not 0 <= static.pad_block < num_blocks:
+        raise ValueError(
+            f"the {backend.name} backend's sink block {static.pad_block} is not among the "
+            f"{num_blocks} KV-cache blocks"
+        )
     kv_caches = backend.allocate_kv_cache(spec, num_blocks)
     logger.info(
         "backend %s (%s), model %s, dtype %s, KV cache %d blocks x %d tokens (%.1f MiB)",
@@ -141,12 +159,26 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         block_size,
         config.enable_prefix_caching,
         hash_seed=None if seed is None else seed.encode(),
+        reserved=frozenset() if static is None else frozenset({static.pad_block}),
     )
     scheduler_config = SchedulerConfig(
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=limits.max_num_seqs,
+        max_num_batched_tokens=limits.max_num_batched_tokens,
         max_model_len=max_model_len,
+        decode_first=static is not None and static.decode_first,
+        split_prefill_decode=static is not None and static.split_prefill_decode,
     )
+    runner = ModelRunner(
+        loaded.model, backend, kv_caches, block_size, static, max_logprobs=config.max_logprobs
+    )
+    if static is not None:
+        count, seconds = runner.warm_up(progress=not os.environ.get("CROSSINFER_NO_PROGRESS"))
+        logger.info(
+            "compiled %d step shapes in %.1f s (%s graphs); a new compile after this is logged",
+            count,
+            seconds,
+            backend.compiled_graph_count(),
+        )
     return EngineParts(
         config=config,
         loaded=loaded,
@@ -154,8 +186,30 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         kv_spec=spec,
         num_blocks=num_blocks,
         scheduler=Scheduler(scheduler_config, kv_manager),
-        runner=ModelRunner(loaded.model, backend, kv_caches, block_size),
+        runner=runner,
     )
+
+
+def _fit_limits(limits: EngineLimits, static: StaticShapes | None, name: str) -> EngineLimits:
+    """The engine's limits within a compiled backend's largest buckets."""
+    if static is None:
+        return limits
+    if static.block_table_widths[-1] < limits.max_blocks_per_seq:
+        raise ValueError(
+            f"the {name} backend's widest block table ({static.block_table_widths[-1]} blocks) "
+            f"cannot hold a {limits.max_model_len}-token sequence in blocks of "
+            f"{limits.block_size}; lower --max-model-len"
+        )
+    seqs = min(limits.max_num_seqs, static.seq_buckets[-1], static.max_num_seqs or 1 << 30)
+    tokens = min(limits.max_num_batched_tokens, static.token_buckets[-1])
+    if seqs > tokens:
+        raise ValueError(f"the {name} backend's buckets hold fewer tokens than sequences")
+    return replace(limits, max_num_seqs=seqs, max_num_batched_tokens=tokens)
+
+
+def _default_compile_cache(backend: Backend) -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "crossinfer", "compile", backend.name)
 
 
 def _pick_dtype(name: str, supported: tuple[torch.dtype, ...], backend: str) -> torch.dtype:

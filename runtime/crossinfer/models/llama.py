@@ -87,16 +87,20 @@ class LlamaAttention(nn.Module):
         hidden: torch.Tensor,
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention output, and the layer's cache after the write (a new tensor when the
+        backend updates functionally)."""
         num_tokens = hidden.shape[0]
         # [num_tokens, num_heads + 2 * num_kv_heads, head_dim]: q heads, then k, then v
         qkv = self.qkv_proj(hidden).view(num_tokens, -1, self.head_dim)
         num_qk = self.num_heads + self.num_kv_heads
         qk = self.rotate(qkv[:, :num_qk], *rope)  # q and k rotate in one pass
         q, k, v = qk[:, : self.num_heads], qk[:, self.num_heads :], qkv[:, num_qk:]
-        self.backend.write_kv(k, v, kv_cache, batch.slot_mapping)
+        written = self.backend.write_kv(k, v, kv_cache, batch.slot_mapping)
+        if written is not None:  # a functional update: the new cache replaces the old
+            kv_cache = written
         out = self.backend.attention(q, kv_cache, batch, self.scale)
-        return self.o_proj(out.view(num_tokens, -1))
+        return self.o_proj(out.view(num_tokens, -1)), kv_cache
 
 
 class LlamaMLP(nn.Module):
@@ -127,16 +131,17 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         batch: AttentionBatch,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The residual stream is carried beside the layer's output and added at the next norm
-        (``residual`` is None at the first layer): one fused add-and-norm per sublayer."""
+        (``residual`` is None at the first layer): one fused add-and-norm per sublayer. Also
+        returns the layer's cache after this step's write."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        hidden = self.self_attn(rope, hidden, kv_cache, batch)
+        hidden, kv_cache = self.self_attn(rope, hidden, kv_cache, batch)
         hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden), residual, kv_cache
 
 
 # checkpoint suffix -> (fused parameter suffix, shard index)
@@ -189,12 +194,16 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         batch: AttentionBatch,
     ) -> torch.Tensor:
-        """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden]."""
+        """input_ids, positions: [num_tokens]. Returns hidden states [num_tokens, hidden].
+        A backend that updates its cache functionally gets the new caches stored back into
+        ``kv_caches`` (the list is the engine's)."""
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(rope, hidden, residual, kv_cache, batch)
+        for i, layer in enumerate(self.layers):
+            hidden, residual, kv_cache = layer(rope, hidden, residual, kv_caches[i], batch)
+            if kv_cache is not kv_caches[i]:
+                kv_caches[i] = kv_cache
         if residual is None:  # a model without layers
             return self.norm(hidden)
         return self.norm.add_and_norm(hidden, residual)[0]
