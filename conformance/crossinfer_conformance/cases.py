@@ -114,6 +114,13 @@ def unsupported_reason(case: Case, caps: CapsInfo) -> str:
         return "new tokens after a cached prefix need prefix_caching, which it does not declare"
     if not caps.prefix_caching and case.check == "engine_prefix_cache":
         return "the backend does not declare prefix_caching"
+    if case.check.startswith("static_") and not caps.static_shapes:
+        return "a dynamic backend: it declares no static shapes"
+    if case.check == "native_attention" and not caps.native_attention:
+        return (
+            "its attention kernel runs only on the hardware; this run uses the reference "
+            "static-shape ops in its place"
+        )
     return ""
 
 
@@ -180,6 +187,16 @@ def _kernels(_caps: CapsInfo) -> list[Case]:
         Case(f"L2-copy_blocks-{d}-bs{bs}-h{h}", "L2", "copy_blocks", d, "", bs, h)
         for d, bs, h in copies
     ]
+    mixed = SHAPES["mixed"]
+    cases += [
+        Case("L2-native-attention-mixed-fp32-bs16-h64-gqa2", "L2", "native_attention",
+             "fp32", "", 16, 64, 2, mixed),
+        # Compiled-graph backends (static shapes): the engine's padded form of a batch.
+        Case("L2-static-padded-mixed-fp32-bs16-h64-gqa2", "L2", "static_padded",
+             "fp32", "", 16, 64, 2, mixed),
+        Case("L2-static-sink-mixed-fp32-bs16-h64", "L2", "static_sink", "fp32", "", 16, 64, 0,
+             mixed),
+    ]  # fmt: skip
     return cases
 
 
@@ -200,7 +217,8 @@ def _collectives(_caps: CapsInfo) -> list[Case]:
 
 
 def _engine(_caps: CapsInfo) -> list[Case]:
-    return [
+    cases = [
         Case(f"L5-engine-{name.replace('_', '-')}", "L5", f"engine_{name}")
         for name in ("greedy", "prefix_cache", "preemption")
     ]
+    return [*cases, Case("L5-static-no-recompile", "L5", "static_no_recompile")]

@@ -89,12 +89,16 @@ def open_context(name: str, seed: int, run_dir: Path) -> tuple[CheckContext | No
         backend = resolve_device(name, every)
     except DeviceError as exc:
         return None, replace(base, problem=str(exc))
-    info = replace(base, caps=caps_info(backend.capabilities()))
+    info = replace(base, caps=caps_info(backend.capabilities(), backend))
     return CheckContext(backend, CpuBackend(), info, seed, run_dir), info
 
 
-def caps_info(caps: Capabilities) -> CapsInfo:
-    """Capabilities as plain data for the pytest process."""
+def caps_info(caps: Capabilities, backend: Backend | None = None) -> CapsInfo:
+    """Capabilities (and whether the backend declares static shapes) as plain data for the
+    pytest process."""
+    from crossinfer_conformance.checks.static import KERNEL_LIMITS
+
+    static = backend is not None and backend.static_shapes(KERNEL_LIMITS) is not None
     return CapsInfo(
         dtypes=tuple(dtype_name(d) for d in caps.dtypes),
         kv_cache_dtypes=tuple(dtype_name(d) for d in caps.kv_cache_dtypes),
@@ -105,6 +109,8 @@ def caps_info(caps: Capabilities) -> CapsInfo:
         distributed_backend=caps.distributed_backend,
         emulated=caps.emulated,
         default_block_size=caps.default_block_size,
+        static_shapes=static,
+        native_attention=caps.native_attention,
     )
 
 

@@ -19,6 +19,9 @@ class CapsInfo:
     distributed_backend: str
     emulated: bool
     default_block_size: int
+    static_shapes: bool = False
+    """The backend declares static shapes (a compiled-graph device, contract 1.2)."""
+    native_attention: bool = True
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 
 from crossinfer.backend import Backend
+from crossinfer_conformance.kv_write import write
 from crossinfer_conformance.outcome import CheckFailed
 
 KEY_SENTINEL = 6.0
@@ -23,8 +24,8 @@ VALUE_SENTINEL = -3.0
 
 def fill(
     backend: Backend, cache: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype
-) -> None:
-    """Write the sentinels into every slot of a one-layer cache.
+) -> torch.Tensor:
+    """Write the sentinels into every slot of a one-layer cache; returns the cache to use.
 
     shape: (num_slots, num_kv_heads, head_size) of the whole cache; dtype: what write_kv
     is given (the activation dtype).
@@ -33,7 +34,7 @@ def fill(
     keys = torch.full(shape, KEY_SENTINEL, dtype=dtype, device=device)
     values = torch.full(shape, VALUE_SENTINEL, dtype=dtype, device=device)
     slots = torch.arange(shape[0], dtype=torch.int64, device=device)
-    backend.write_kv(keys, values, cache, slots)
+    return write(backend, keys, values, cache, slots)
 
 
 def changed_slots(keys: torch.Tensor, values: torch.Tensor, skip: Iterable[int]) -> list[int]:

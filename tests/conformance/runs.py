@@ -23,6 +23,10 @@ PARALLEL_RUNS = 3
 RUN_TIMEOUT_S = 1200
 EMULATED = "-emulated"
 """Suffix of a run name that asks for ``--emulate`` (``cuda-emulated``)."""
+COMPAT_PYTHON = Path(__file__).parents[2] / ".venv-xla" / "bin" / "python"
+"""The compat environment's interpreter (torch 2.8 + torch-xla 2.8.1, made by make test):
+the backends on torch-xla run their suite there."""
+COMPAT_BACKENDS = frozenset({"tpu"})
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ def suite_command(name: str, report: Path) -> list[str]:
     emulated = name.endswith(EMULATED)
     if name == "cpu" or emulated:
         device = name.removesuffix(EMULATED)
-        cli = [sys.executable, "-m", "crossinfer.cli", "conformance", "--device", device]
+        python = str(COMPAT_PYTHON) if device in COMPAT_BACKENDS else sys.executable
+        cli = [python, "-m", "crossinfer.cli", "conformance", "--device", device]
         return [*cli, *(["--emulate"] if emulated else []), "--report", str(report)]
     # The crash fixture only crashes in attention: its kernel levels are enough.
     level = "L2" if name == "faulty_crash" else "L5"

@@ -22,6 +22,7 @@ from crossinfer_conformance.checks import (
     discovery,
     engine,
     memory,
+    static,
 )
 from crossinfer_conformance.outcome import (
     FAILED,
@@ -55,6 +56,10 @@ CHECKS: MappingProxyType[str, Check] = MappingProxyType(
         "engine_greedy": engine.check_engine_greedy,
         "engine_prefix_cache": engine.check_engine_prefix_cache,
         "engine_preemption": engine.check_engine_preemption,
+        "native_attention": static.check_native_attention,
+        "static_padded": static.check_static_padded,
+        "static_sink": static.check_static_sink,
+        "static_no_recompile": static.check_static_no_recompile,
     }
 )
 

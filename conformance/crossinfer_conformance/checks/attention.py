@@ -25,6 +25,7 @@ from crossinfer_conformance.checks.paged import (
     reference_attention,
 )
 from crossinfer_conformance.compare import assert_close
+from crossinfer_conformance.kv_write import write
 from crossinfer_conformance.outcome import CheckFailed, NotSupported
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def check_attention(ctx: CheckContext, case: Case) -> None:
     backend, device = ctx.backend, ctx.device()
     spec = KVCacheSpec(1, KV_HEADS, case.head_size, case.block_size, kv_dtype)
     (cache,) = backend.allocate_kv_cache(spec, layout.num_blocks)
-    batch = _write_context(ctx, cache, layout, (keys, values), case.seqs)
+    batch, cache = _write_context(ctx, cache, layout, (keys, values), case.seqs)
     out = backend.attention(query.to(device), cache, batch, case.head_size**-0.5)
     backend.synchronize()
 
@@ -63,7 +64,7 @@ def _write_context(
     layout: Layout,
     kv: tuple[torch.Tensor, torch.Tensor],
     seqs: Seqs,
-) -> AttentionBatch:
+) -> tuple[AttentionBatch, torch.Tensor]:
     """Write the cached tokens as earlier steps did, then this step's; return its batch.
     ``kv`` holds every context token, sequence after sequence."""
     device = ctx.device()
@@ -78,12 +79,12 @@ def _write_context(
         start += cached + new
     if cached_rows:
         slots = torch.tensor(cached_slots, dtype=torch.int64, device=device)
-        _write(ctx, cache, kv, cached_rows, slots)
+        cache = _write(ctx, cache, kv, cached_rows, slots)
     tables = [list(t) for t in layout.tables]
     query_lens = [n for _, n in seqs]
     batch = build_attention_batch(query_lens, layout.seq_lens, tables, layout.block_size, device)
-    _write(ctx, cache, kv, new_rows, batch.slot_mapping)
-    return batch
+    cache = _write(ctx, cache, kv, new_rows, batch.slot_mapping)
+    return batch, cache
 
 
 def _write(
@@ -92,10 +93,10 @@ def _write(
     kv: tuple[torch.Tensor, torch.Tensor],
     rows: list[int],
     slots: torch.Tensor,
-) -> None:
+) -> torch.Tensor:
     index = torch.tensor(rows, dtype=torch.int64)
     keys, values = (t[index].to(slots.device) for t in kv)
-    ctx.backend.write_kv(keys, values, cache, slots)
+    return write(ctx.backend, keys, values, cache, slots)
 
 
 def _check_output(out: torch.Tensor, query: torch.Tensor, device: torch.device) -> None:

@@ -15,6 +15,7 @@ from crossinfer_conformance import sentinels
 from crossinfer_conformance.cases import KV_HEADS, Case
 from crossinfer_conformance.checks.paged import HOST, read_back
 from crossinfer_conformance.compare import assert_close
+from crossinfer_conformance.kv_write import write
 from crossinfer_conformance.outcome import CheckFailed
 from crossinfer_cpu import CpuBackend
 
@@ -44,7 +45,7 @@ def check_write_kv(ctx: CheckContext, case: Case) -> None:
     spec = KVCacheSpec(1, KV_HEADS, head, bs, kv_dtype)
     (cache,) = backend.allocate_kv_cache(spec, NUM_BLOCKS)
     num_slots = NUM_BLOCKS * bs
-    sentinels.fill(backend, cache, (num_slots, KV_HEADS, head), dtype)
+    cache = sentinels.fill(backend, cache, (num_slots, KV_HEADS, head), dtype)
     every = torch.arange(num_slots, dtype=torch.int64)
     filled_k, filled_v = read_back(backend, cache, every)
     unfilled = sentinels.changed_slots(filled_k, filled_v, ())
@@ -58,7 +59,7 @@ def check_write_kv(ctx: CheckContext, case: Case) -> None:
     keys = torch.randn(len(slots), KV_HEADS, head, generator=gen).to(dtype)
     values = torch.randn(len(slots), KV_HEADS, head, generator=gen).to(dtype)
     slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
-    backend.write_kv(keys.to(device), values.to(device), cache, slot_mapping)
+    cache = write(backend, keys.to(device), values.to(device), cache, slot_mapping)
     backend.synchronize()
 
     stored_k, stored_v = read_back(backend, cache, every)
@@ -96,11 +97,11 @@ def check_copy_blocks(ctx: CheckContext, case: Case) -> None:
     spec = KVCacheSpec(num_layers, KV_HEADS, head, bs, torch_dtype(case.cache_dtype))
     caches = backend.allocate_kv_cache(spec, num_blocks)
     every = torch.arange(num_blocks * bs, dtype=torch.int64)
-    for cache in caches:
+    for layer, cache in enumerate(caches):
         shape = (num_blocks * bs, KV_HEADS, head)
         keys = torch.randn(shape, generator=gen).to(dtype).to(device)
         values = torch.randn(shape, generator=gen).to(dtype).to(device)
-        backend.write_kv(keys, values, cache, every.to(device))
+        caches[layer] = write(backend, keys, values, cache, every.to(device))
     # Judge the copy on what the cache held before it, whatever write_kv did.
     before = [read_back(backend, cache, every) for cache in caches]
     pairs = [(1, 4), (6, 2), (3, 7)]

@@ -12,6 +12,7 @@ from crossinfer.backend import CONTRACT_VERSION, KVCacheSpec
 from crossinfer.engine.batch import build_attention_batch
 from crossinfer_conformance.cases import Case
 from crossinfer_conformance.info import ProbeTiming
+from crossinfer_conformance.kv_write import write
 from crossinfer_conformance.outcome import CheckFailed, describe_exc
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ def _tiny_attention(ctx: CheckContext, device: torch.device) -> None:
     (cache,) = ctx.backend.allocate_kv_cache(spec, len(blocks) + 1)
     batch = build_attention_batch([3], [3], [blocks], block_size, device)
     kv = torch.ones(3, 1, head, dtype=dtype, device=device)
-    ctx.backend.write_kv(kv, kv, cache, batch.slot_mapping)
+    cache = write(ctx.backend, kv, kv, cache, batch.slot_mapping)
     out = ctx.backend.attention(kv, cache, batch, head**-0.5)
     ctx.backend.synchronize()
     if tuple(out.shape) != (3, 1, head) or not bool(torch.isfinite(out).all()):

@@ -17,7 +17,10 @@ from crossinfer_conformance.outcome import CheckFailed, NotSupported
 if TYPE_CHECKING:
     from crossinfer_conformance.context import CheckContext
 
-MAX_MODEL_LEN = 1024
+# Small limits, so that a compiled-graph backend's warm-up has few shapes to compile.
+MAX_MODEL_LEN = 256
+MAX_NUM_BATCHED_TOKENS = 256
+MAX_NUM_SEQS = 16
 ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -92,6 +95,9 @@ def _generate(
 
     loaded = _loaded(ctx, device)
     block_size = _block_size(ctx, device)
+    assert ctx.info.caps is not None
+    if device == ctx.info.name and ctx.info.caps.static_shapes:
+        kv_blocks += 1  # a compiled backend's sink block holds no sequence
     args = loaded.model.args
     spec = KVCacheSpec(args.num_layers, args.num_kv_heads, args.head_dim, block_size, loaded.dtype)
     llm = LLM(
@@ -100,6 +106,8 @@ def _generate(
         block_size=block_size,
         kv_cache_memory=kv_blocks * spec.bytes_per_block,
         max_model_len=MAX_MODEL_LEN,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        max_num_seqs=MAX_NUM_SEQS,
         enable_prefix_caching=enable_prefix_caching,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)

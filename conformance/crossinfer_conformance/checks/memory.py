@@ -65,8 +65,12 @@ def check_allocate_kv_cache(ctx: CheckContext, case: Case) -> None:
 
 
 def _storage_bytes(caches: list[torch.Tensor]) -> int:
-    # Distinct storages, so views of one buffer are counted once.
-    storages = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in caches}
+    # Distinct storages, so views of one buffer are counted once. Lazy devices (XLA) keep no
+    # host-visible storage: count each tensor's own bytes there.
+    try:
+        storages = {c.untyped_storage().data_ptr(): c.untyped_storage().nbytes() for c in caches}
+    except RuntimeError:
+        return sum(c.numel() * c.element_size() for c in caches)
     return sum(storages.values())
 
 
