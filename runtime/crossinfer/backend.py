@@ -128,6 +128,11 @@ class StaticShapes:
     """Ascending sequence counts; the last caps the sequences per step."""
     block_table_widths: tuple[int, ...]
     """Ascending block-table widths; the last must hold a whole ``max_model_len`` sequence."""
+    decode_buckets: tuple[int, ...] | None = None
+    """Ascending sequence counts for steps of one new token per sequence (decodes), which
+    then run at ``n`` tokens and ``n`` sequences for the smallest ``n`` holding them: a decode
+    graph apart from the prefill graphs. ``None``: every step takes the token and sequence
+    buckets."""
     pad_block: int = 0
     """The sink: padded tokens write here; the block pool never hands it out."""
     decode_first: bool = False
@@ -140,8 +145,10 @@ class StaticShapes:
     """A cap of the backend's on the sequences per step (below the engine's, if set)."""
 
     def __post_init__(self) -> None:
-        for name in ("token_buckets", "seq_buckets", "block_table_widths"):
+        for name in ("token_buckets", "seq_buckets", "block_table_widths", "decode_buckets"):
             values = getattr(self, name)
+            if values is None and name == "decode_buckets":
+                continue
             if not values or any(v < 1 for v in values) or list(values) != sorted(set(values)):
                 raise ValueError(f"StaticShapes.{name} must be ascending positive integers")
 

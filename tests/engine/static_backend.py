@@ -28,17 +28,8 @@ from crossinfer.backend import (
 )
 from crossinfer.distributed.communicator import TorchDistributedCommunicator
 from crossinfer_xla import static_ops
+from crossinfer_xla.buckets import doubling
 from crossinfer_xla.static_ops import SPLIT
-
-
-def doubling(first: int, last: int) -> tuple[int, ...]:
-    """first, 2 * first, ... below last, then last."""
-    values = []
-    value = first
-    while value < last:
-        values.append(value)
-        value *= 2
-    return (*values, last)
 
 
 class StaticCpuBackend(Backend):
@@ -46,8 +37,11 @@ class StaticCpuBackend(Backend):
 
     name = "static-cpu"
 
-    def __init__(self, split_prefill_decode: bool = False, widths: int = 2) -> None:
+    def __init__(
+        self, split_prefill_decode: bool = False, widths: int = 2, decode_buckets: bool = False
+    ) -> None:
         self.split = split_prefill_decode
+        self.decode_buckets = decode_buckets
         self.num_widths = widths
         self.graphs = 0
         self.compile_cache_dir: str | None = None
@@ -74,6 +68,7 @@ class StaticCpuBackend(Backend):
             token_buckets=doubling(8, limits.max_num_batched_tokens),
             seq_buckets=doubling(2, limits.max_num_seqs),
             block_table_widths=tuple(sorted(set(widths))),
+            decode_buckets=doubling(1, limits.max_num_seqs) if self.decode_buckets else None,
             pad_block=0,
             decode_first=True,
             split_prefill_decode=self.split,

@@ -109,3 +109,27 @@ def test_finish_frees_every_block() -> None:
     s.finish(b, RequestStatus.FINISHED_ABORTED)
     assert s.kv_cache.num_free_blocks == 8
     assert not s.has_unfinished
+
+
+def test_split_steps_never_mix_kinds_and_a_resumed_decode_waits_for_a_decode_step() -> None:
+    config = SchedulerConfig(8, 100, 64, split_prefill_decode=True)
+    s = Scheduler(config, KVCacheManager(64, 4, True))
+    s.add(_request("a", list(range(8))))
+    assert _summary(_step(s)) == [("a", 0, 8)]
+    assert _summary(_step(s)) == [("a", 8, 1)]
+    # c comes back from a preemption with its prompt (a's) cached and one generated token
+    # to compute: a decode, though it is waiting. b behind it is a prefill.
+    resumed = _request("c", list(range(8)))
+    s.add(resumed)
+    resumed.token_ids.append(7)
+    s.add(_request("b", list(range(20, 26))))
+    # A prefill turn, but the head of the queue is a decode: the step decodes instead, and
+    # admits it; b's prefill takes the next step.
+    decode = s.schedule()
+    assert _summary(decode) == [("a", 9, 1), ("c", 8, 1)]
+    assert all(c.is_decode for c in decode.chunks)
+    s.advance(decode)
+    for chunk in decode.chunks:
+        chunk.request.token_ids.append(7)
+    prefill = s.schedule()
+    assert _summary(prefill) == [("b", 0, 6)] and not prefill.chunks[0].is_decode

@@ -17,9 +17,9 @@ from crossinfer.backend import StaticShapes
 from crossinfer.engine.batch import build_attention_batch
 from crossinfer.engine.kv_cache import KVCacheManager
 from crossinfer.engine.request import Request
-from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
+from crossinfer.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from crossinfer.engine.setup import EngineConfig, load_model
-from crossinfer.engine.static_batch import all_shapes, build_padded_step, step_shape
+from crossinfer.engine.static_batch import StepShape, all_shapes, build_padded_step, step_shape
 from crossinfer_conformance.checks.tiny_model import build_tiny_model
 from crossinfer_cpu import CpuBackend
 from crossinfer_xla import static_ops
@@ -73,6 +73,25 @@ def test_a_padded_step_holds_the_same_tokens_at_bucket_shapes() -> None:
     assert step.shape.width == 4  # the narrower width holds every sequence here
     assert step.batch.query_lens_cpu == step.batch.seq_lens_cpu == ()
     assert step.num_sampling == 2  # a (decode) and b (whole prompt); c is mid-prefill
+
+
+def test_decode_buckets_shape_steps_of_one_token_per_sequence() -> None:
+    shapes = StaticShapes(
+        token_buckets=(8, 16), seq_buckets=(1, 2, 4), block_table_widths=(4,),
+        decode_buckets=(1, 2, 4),
+    )  # fmt: skip
+    params = SamplingParams(max_tokens=4)
+    decodes = [ScheduledChunk(Request(f"d{i}", [1] * 6, params, 4), 5, 1, (1, 2)) for i in range(3)]
+    prefill = ScheduledChunk(Request("p", [1] * 6, params, 4), 0, 6, (3, 4))
+    assert step_shape(decodes, shapes) == StepShape(4, 4, 4)
+    assert step_shape(decodes[:1], shapes) == StepShape(1, 1, 4)
+    assert step_shape([*decodes, prefill], shapes) == StepShape(16, 4, 4)
+    step = build_padded_step(decodes, shapes, BLOCK, torch.device("cpu"))
+    assert step.batch.token_seq.tolist() == [0, 1, 2, 3]  # the pad token in the pad slot
+    assert step.batch.slot_mapping[3] // BLOCK == 0  # and it writes into the sink
+    warm = all_shapes(shapes)
+    assert warm[:3] == [StepShape(1, 1, 4), StepShape(2, 2, 4), StepShape(4, 4, 4)]
+    assert len(warm) == len(set(warm)) == 3 + 2 + 2 + 2
 
 
 def test_padded_attention_equals_the_unpadded_cpu_backend() -> None:
@@ -129,20 +148,50 @@ WORKLOAD = [
 ]
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["mixed-steps", "split-prefill-decode"])
-def test_greedy_tokens_equal_the_dynamic_cpu_backend(folder: Path, split: bool) -> None:
+@pytest.mark.parametrize(
+    ("split", "decode_buckets"),
+    [(False, False), (True, False), (True, True)],
+    ids=["mixed-steps", "split-prefill-decode", "split-with-decode-buckets"],
+)
+def test_greedy_tokens_equal_the_dynamic_cpu_backend(
+    folder: Path, split: bool, decode_buckets: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A token budget of 16 chunks the long prompt; 13 blocks of 8 (2 layers x K and V x 8
     # slots x 1 head x 16 x 4 bytes each) force preemption.
     args = {"max_model_len": 64, "max_num_batched_tokens": 16, "max_num_seqs": 4,
             "block_size": 8, "kv_cache_memory": 13 * 2 * 2 * 8 * 16 * 4}  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     want = _llm(folder, None, **args).generate(WORKLOAD, params)
-    static = StaticCpuBackend(split_prefill_decode=split)
+    static = StaticCpuBackend(split_prefill_decode=split, decode_buckets=decode_buckets)
     llm = _llm(folder, static, **args, fail_on_recompile=True)
+    steps = _record_steps(monkeypatch)
     got = llm.generate(WORKLOAD, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.scheduler.kv_cache.num_prefix_hit_tokens > 0
+    kinds = [kind for kind, _ in steps]
+    assert {frozenset({True}), frozenset({False})} <= set(kinds)  # decode and prefill steps
+    assert not split or all(len(k) == 1 for k in kinds)  # split: no step mixes the two
+    decodes = [shape for kind, shape in steps if kind == {True}]
+    # Decode buckets: n tokens for n sequences; else a token bucket (8 at least) for 2 or 4.
+    assert decodes and all((s.num_tokens == s.num_seqs) == decode_buckets for s in decodes)
+
+
+def _record_steps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any]]:
+    """Each padded step's kinds of chunk (decode or not, taken as it is built) and shape."""
+    from crossinfer.engine import runner
+
+    steps: list[tuple[Any, Any]] = []
+    build = runner.build_padded_step
+
+    def recording(chunks: Any, *args: Any, **kwargs: Any) -> Any:
+        step = build(chunks, *args, **kwargs)
+        if chunks:  # not a warm-up step
+            steps.append((frozenset(c.is_decode for c in chunks), step.shape))
+        return step
+
+    monkeypatch.setattr(runner, "build_padded_step", recording)
+    return steps
 
 
 def test_no_recompile_after_warm_up_over_a_mixed_workload(folder: Path) -> None:

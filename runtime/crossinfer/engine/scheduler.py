@@ -56,8 +56,9 @@ class ScheduledChunk:
 
     @property
     def is_decode(self) -> bool:
-        """True when the chunk computes a generated token (the prompt is in the cache)."""
-        return self.num_computed_tokens >= self.request.num_prompt_tokens
+        """True when the chunk is a decode: the one token left to compute, with the prompt in
+        the cache (a resumed request recomputing several generated tokens is not)."""
+        return self.num_new_tokens == 1 and _decodes_from(self.request, self.num_computed_tokens)
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,8 @@ class Scheduler:
             chunks.append(self._chunk(request, num_new, block_ids))
             budget -= num_new
             index += 1
-        if not preempted and not decode_step:
-            self._admit_waiting(budget, chunks, failed)
+        if not preempted:
+            self._admit_waiting(budget, chunks, failed, decode_step)
 
     def _decode_step(self) -> bool:
         """For split_prefill_decode: whether this step decodes (else it prefills). The kinds
@@ -224,11 +225,18 @@ class Scheduler:
         budget: int,
         chunks: list[ScheduledChunk],
         failed: list[tuple[Request, BaseException]],
+        decode_step: bool | None = None,
     ) -> int:
+        """Admit from the head of the queue; with ``decode_step`` set, only while the head is
+        of that kind (a resumed request with all but its last token cached is a decode)."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             try:
                 cached = self._cached_prefix(request)
+                if decode_step is not None and _decodes_from(request, cached.num_tokens) != (
+                    decode_step
+                ):
+                    break  # first come, first served: it waits for a step of its kind
                 num_new = min(request.num_tokens - cached.num_tokens, budget)
                 block_ids = self.kv_cache.allocate(
                     request.request_id,
@@ -282,6 +290,11 @@ class Scheduler:
         self.kv_cache.free(request.request_id)
 
 
+def _decodes_from(request: Request, num_computed: int) -> bool:
+    """With ``num_computed`` tokens in the cache, the request's next chunk is a decode: its
+    prompt is cached and one token is left."""
+    return num_computed >= request.num_prompt_tokens and request.num_tokens - num_computed == 1
+
+
 def _is_decoding(request: Request) -> bool:
-    """The request's prompt is in the cache: its next chunk is a decode."""
-    return request.num_computed_tokens >= request.num_prompt_tokens
+    return _decodes_from(request, request.num_computed_tokens)

@@ -52,13 +52,21 @@ def pick(buckets: Sequence[int], needed: int, what: str) -> int:
 
 
 def step_shape(chunks: Sequence[ScheduledChunk], shapes: StaticShapes) -> StepShape:
-    """The bucket a step of these chunks runs at."""
+    """The bucket a step of these chunks runs at: a decode bucket when the backend has them
+    and every chunk is one token, else a token bucket and a sequence bucket."""
     num_tokens = sum(c.num_new_tokens for c in chunks)
-    width = max((len(c.block_ids) for c in chunks), default=1)
+    width = pick(
+        shapes.block_table_widths,
+        max((len(c.block_ids) for c in chunks), default=1),
+        "blocks per sequence",
+    )
+    if shapes.decode_buckets and num_tokens == len(chunks):
+        seqs = pick(shapes.decode_buckets, len(chunks), "decoding sequences")
+        return StepShape(seqs, seqs, width)
     return StepShape(
         pick(shapes.token_buckets, num_tokens, "tokens"),
         pick(shapes.seq_buckets, len(chunks), "sequences"),
-        pick(shapes.block_table_widths, width, "blocks per sequence"),
+        width,
     )
 
 
@@ -129,14 +137,15 @@ def build_padded_step(
 
 
 def all_shapes(shapes: StaticShapes) -> list[StepShape]:
-    """Every shape a step can take: what the warm-up compiles. A step of ``n`` sequences has
-    at least ``n`` tokens, so a sequence bucket pairs only with the token buckets that can hold
-    the fewest sequences it takes."""
-    result = []
+    """Every shape a step can take: what the warm-up compiles. The decode shapes first; then,
+    as a step of ``n`` sequences has at least ``n`` tokens, each sequence bucket with the
+    token buckets that can hold the fewest sequences it takes."""
+    widths = shapes.block_table_widths
+    result = [StepShape(n, n, w) for n in shapes.decode_buckets or () for w in widths]
     fewest = 1
     for seqs in shapes.seq_buckets:
         for tokens in shapes.token_buckets:
             if tokens >= fewest:
-                result += [StepShape(tokens, seqs, w) for w in shapes.block_table_widths]
+                result += [StepShape(tokens, seqs, w) for w in widths]
         fewest = seqs + 1
-    return result
+    return list(dict.fromkeys(result))  # a decode shape may also be a prefill shape
