@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The compat environment: torch-xla pairs only with its own torch (2.8), so the tpu backend's
-# emulated conformance runs in a second virtualenv (about 7 GB, 2 minutes to install).
+# The compat environment: torch-xla pairs only with its own torch (2.8), so the tpu and neuron
+# backends' emulated conformance runs in a second virtualenv (about 7 GB, 2 minutes to install).
 XLA_VENV := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.installed
 
@@ -19,7 +19,7 @@ $(BIN)/python:
 # kernels in its interpreter (emulated). The backends are separate distributions, as vendors
 # ship them.
 BACKENDS := -e backends/triton -e backends/cuda -e backends/rocm -e backends/xpu -e backends/xla \
-	-e backends/tpu
+	-e backends/tpu -e backends/neuron
 
 $(STAMP): $(BIN)/python pyproject.toml backends/*/pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0 triton==3.7.1
@@ -31,7 +31,8 @@ $(XLA_STAMP): pyproject.toml backends/*/pyproject.toml
 	$(PYTHON) -m venv $(XLA_VENV)
 	$(XLA_VENV)/bin/pip install --quiet --upgrade pip
 	$(XLA_VENV)/bin/pip install --quiet torch==2.8.0 torch_xla==2.8.1
-	$(XLA_VENV)/bin/pip install --quiet -e . -e backends/xla -e backends/tpu pytest
+	$(XLA_VENV)/bin/pip install --quiet -e . -e backends/xla -e backends/tpu \
+		-e backends/neuron pytest
 	touch $(XLA_STAMP)
 
 install: $(STAMP)

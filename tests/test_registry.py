@@ -321,10 +321,10 @@ def _row(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_rows_come_in_auto_order(child_report: dict[str, Any]) -> None:
     names = [row["name"] for row in child_report["rows"]]
-    # cuda, rocm, xpu and tpu are installed by make test; without their devices (or torch-xla)
-    # they are listed, unavailable.
+    # cuda, rocm, xpu, tpu and neuron are installed by make test; without their devices (or
+    # torch-xla, torch-neuronx) they are listed, unavailable.
     assert names == [
-        "cuda", "rocm", "xpu", "tpu", "cpu", "absent", "broken", "example", "future"
+        "cuda", "rocm", "xpu", "tpu", "neuron", "cpu", "absent", "broken", "example", "future"
     ]  # fmt: skip
 
 
@@ -383,7 +383,7 @@ def test_resolve_device_in_child(child_report: dict[str, Any]) -> None:
     assert resolved["auto"] == "CpuBackend"
     assert resolved["nope"].startswith(
         "DeviceError: --device nope: no backend of that name is installed; "
-        "known: auto, absent, broken, cpu, cuda, example, future, rocm, tpu, xpu "
+        "known: auto, absent, broken, cpu, cuda, example, future, neuron, rocm, tpu, xpu "
     )
     assert resolved["absent"] == (
         "DeviceError: --device absent is not available: "
@@ -401,7 +401,7 @@ def test_backends_command_prints_an_aligned_table(child: _Child) -> None:
     assert header.split() == ["name", "package", "version", "api", "available", "reason", "devices"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == [
-        "absent", "broken", "cpu", "cuda", "example", "future", "rocm", "tpu", "xpu"
+        "absent", "broken", "cpu", "cuda", "example", "future", "neuron", "rocm", "tpu", "xpu"
     ]  # fmt: skip
     assert rows["example"].split() == [
         "example",

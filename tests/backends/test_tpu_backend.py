@@ -1,6 +1,6 @@
 """The tpu backend in the main environment (torch 2.13, no torch-xla): its probe says what to
 install, --device tpu fails before loading, and what it declares follows tpu-inference. Its
-kernels run in the compat environment (tests/conformance/test_emulated_tpu_suite.py)."""
+kernels run in the compat environment (tests/conformance/test_emulated_xla_suites.py)."""
 
 from __future__ import annotations
 

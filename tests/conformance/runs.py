@@ -26,7 +26,7 @@ EMULATED = "-emulated"
 COMPAT_PYTHON = Path(__file__).parents[2] / ".venv-xla" / "bin" / "python"
 """The compat environment's interpreter (torch 2.8 + torch-xla 2.8.1, made by make test):
 the backends on torch-xla run their suite there."""
-COMPAT_BACKENDS = frozenset({"tpu"})
+COMPAT_BACKENDS = frozenset({"tpu", "neuron"})
 
 
 @dataclass(frozen=True)

@@ -131,24 +131,26 @@ def test_a_crashing_kernel_costs_only_its_cases(suite_runs: SuiteRuns, backend: 
 
 
 def test_matrix_of_every_report(suite_runs: SuiteRuns, capsys: pytest.CaptureFixture[str]) -> None:
-    emulated = ["cuda-emulated", "rocm-emulated", "tpu-emulated", "xpu-emulated"]
+    emulated = ["cuda-emulated", "neuron-emulated", "rocm-emulated", "tpu-emulated", "xpu-emulated"]
     for name in ["cpu", "faulty_crash", *FAULTS, *emulated]:
         suite_runs.get(name)
     assert cli.main(["conformance", "--matrix", str(suite_runs.reports)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    header = (
-        "| check | cpu | cuda (emulated) | faulty_allreduce | faulty_crash | faulty_last_token "
-    )
-    assert header + "| faulty_probe | faulty_write_kv | rocm (emulated) | tpu (emulated) | xpu (emulated) |" in lines
-    assert (
-        "| L4-all_reduce | pass | pass | **FAIL** | - | pass | **FAIL** | pass | pass | pass | pass |"
-        in lines
-    )
-    assert (
-        "| L2-attention-mixed-fp32-bs16-h128-gqa2 | pass | pass | pass | **CRASH** | **FAIL** | "
-        "**FAIL** | pass | pass | pass | pass |"
-    ) in lines
+    columns = ["check", "cpu", "cuda (emulated)", "faulty_allreduce", "faulty_crash",
+               "faulty_last_token", "faulty_probe", "faulty_write_kv", "neuron (emulated)",
+               "rocm (emulated)", "tpu (emulated)", "xpu (emulated)"]  # fmt: skip
+    assert _row(columns) in lines
+    cells = ["pass", "pass", "**FAIL**", "-", "pass", "**FAIL**", "pass", "pass", "pass", "pass",
+             "pass"]  # fmt: skip
+    assert _row(["L4-all_reduce", *cells]) in lines
+    cells = ["pass", "pass", "pass", "**CRASH**", "**FAIL**", "**FAIL**", "pass", "pass", "pass",
+             "pass", "pass"]  # fmt: skip
+    assert _row(["L2-attention-mixed-fp32-bs16-h128-gqa2", *cells]) in lines
     row = next(line for line in lines if line.startswith("| L2-write_kv-fp32-bs1-h64 |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    # cuda (emulated) declares block size 1; rocm, tpu and xpu (emulated) do not.
-    assert (cells[2], cells[-2], cells[-1]) == ("pass", "n/s", "n/s")
+    # cuda (emulated) declares block size 1; neuron, rocm, tpu and xpu (emulated) do not.
+    assert (cells[2], *cells[-4:]) == ("pass", "n/s", "n/s", "n/s", "n/s")
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"

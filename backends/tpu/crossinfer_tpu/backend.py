@@ -24,21 +24,12 @@ import torch
 
 from crossinfer.backend import AttentionBatch, Capabilities, EngineLimits, Probe, StaticShapes
 from crossinfer_xla import KVLayout, XlaBackend
-from crossinfer_xla.backend import PAIRINGS
+from crossinfer_xla.backend import PAIRINGS, torch_xla_missing
+from crossinfer_xla.buckets import doubling
 
 LANES = 128  # a TPU vector register is 8 sublanes x 128 lanes: heads are padded to 128
 MIN_TOKEN_BUCKET = 16
 MIN_SEQ_BUCKET = 8
-
-
-def doubling(first: int, last: int) -> tuple[int, ...]:
-    """first, 2 * first, ... below ``last``, then ``last`` itself."""
-    values = []
-    value = first
-    while value < last:
-        values.append(value)
-        value *= 2
-    return (*values, last)
 
 
 def tpu_device_files() -> list[str]:
@@ -55,6 +46,9 @@ class TpuBackend(XlaBackend):
     layout = KVLayout(combined=True, head_multiple=LANES)
 
     def hardware_probe(self) -> Probe:
+        missing = torch_xla_missing()
+        if missing:
+            return Probe(False, missing)
         if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
             return Probe(
                 False,

@@ -69,7 +69,8 @@ class XlaBackend(Backend):
     # -- what a vendor provides -------------------------------------------------------------
     @abc.abstractmethod
     def hardware_probe(self) -> Probe:
-        """The probe on real hardware (torch_xla importable, the vendor's device present)."""
+        """The probe on real hardware: the vendor's torch-xla stack importable (check it with
+        ``torch_xla_missing``) and its device present; cheap, no PJRT client."""
 
     @abc.abstractmethod
     def hardware_capabilities(self) -> Capabilities:
@@ -87,11 +88,11 @@ class XlaBackend(Backend):
 
     # -- identity and discovery -------------------------------------------------------------
     def probe(self) -> Probe:
+        if not self.emulated:
+            return self.hardware_probe()
         missing = torch_xla_missing()
         if missing:
             return Probe(False, missing)
-        if not self.emulated:
-            return self.hardware_probe()
         return Probe(True, devices=(f"XLA CPU device (emulated {self.name})",))
 
     def capabilities(self) -> Capabilities:

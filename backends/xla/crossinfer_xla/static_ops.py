@@ -11,13 +11,16 @@ as ``[tokens, kv_heads, group, head]``. A padded batch names each token's sequen
 position (``AttentionBatch.token_seq`` / ``token_pos``); any other batch has them derived from
 ``query_start_loc`` and ``seq_lens`` with the same fixed-shape ops.
 
-Two cache layouts (a backend picks one; both hold the same values):
+Three cache layouts (a backend picks one; all hold the same values):
 
 - ``SPLIT``: ``[2, num_blocks, block_size, kv_heads, head]``, keys then values (the CPU and
   Triton backends' layout);
-- ``COMBINED``: ``[num_blocks, block_size, 2 * kv_heads, head_pad]``, each head's key and
-  value interleaved and the head padded to ``head_pad`` (what TPU's ragged paged attention
-  reads).
+- heads first: ``[2, num_blocks, kv_heads, block_size, head]`` (vllm-neuron's layout);
+- combined: ``[num_blocks, block_size, 2 * kv_heads, head_pad]``, each head's key and value
+  interleaved and the head padded to ``head_pad`` (what TPU's ragged paged attention reads).
+
+Every op reaches the cache through one view of it, ``[num_blocks, block_size, 2, kv_heads,
+head]``, indexed by (block, offset) pairs, so the layout is one function.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class KVLayout:
     """Where the keys and values of a slot live in one layer's cache tensor."""
 
     combined: bool = False
+    heads_first: bool = False  # (split layout) kv heads before the block's slots
     head_multiple: int = 1  # the stored head size is rounded up to a multiple of this
 
     def stored_head(self, head_size: int) -> int:
@@ -45,18 +49,26 @@ class KVLayout:
         head = self.stored_head(spec.head_size)
         if self.combined:
             return (num_blocks, spec.block_size, 2 * spec.num_kv_heads, head)
+        if self.heads_first:
+            return (2, num_blocks, spec.num_kv_heads, spec.block_size, head)
         return (2, num_blocks, spec.block_size, spec.num_kv_heads, head)
 
-    def slots(self, cache: torch.Tensor) -> torch.Tensor:
-        """The cache as rows of slots: [num_slots, 2, kv_heads, head] (a view)."""
+    def blocks(self, cache: torch.Tensor) -> torch.Tensor:
+        """The cache as [num_blocks, block_size, 2, kv_heads, head] (a view)."""
         if self.combined:
             num_blocks, block_size, heads2, head = cache.shape
-            return cache.view(num_blocks * block_size, heads2 // 2, 2, head).transpose(1, 2)
-        _, num_blocks, block_size, heads, head = cache.shape
-        return cache.view(2, num_blocks * block_size, heads, head).transpose(0, 1)
+            return cache.view(num_blocks, block_size, heads2 // 2, 2, head).transpose(2, 3)
+        if self.heads_first:
+            return cache.permute(1, 3, 0, 2, 4)
+        return cache.permute(1, 2, 0, 3, 4)
+
+    @property
+    def block_dim(self) -> int:
+        """The dimension of the cache tensor that numbers the blocks."""
+        return 0 if self.combined else 1
 
     def block_size(self, cache: torch.Tensor) -> int:
-        return int(cache.shape[1] if self.combined else cache.shape[2])
+        return int(self.blocks(cache).shape[1])
 
 
 SPLIT = KVLayout()
@@ -80,25 +92,25 @@ def write_kv(
     ``in_place``, else a new one). Every named slot is written: a static graph cannot skip."""
     head = cache.shape[-1]
     pair = torch.stack((_padded(key, head), _padded(value, head)), dim=1).to(cache.dtype)
-    if in_place:
-        layout.slots(cache).index_copy_(0, slot_mapping, pair)  # writes through the view
-        return cache
-    new = cache.clone()
-    layout.slots(new).index_copy_(0, slot_mapping, pair)
-    return new
+    target = cache if in_place else cache.clone()
+    block_size = layout.block_size(target)
+    # writes through the view: [num_tokens, 2, kv_heads, head] at (block, offset)
+    layout.blocks(target)[slot_mapping // block_size, slot_mapping % block_size] = pair
+    return target
 
 
 def read_kv(
     layout: KVLayout, cache: torch.Tensor, slots: torch.Tensor, head_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = layout.slots(cache).index_select(0, slots)  # [n, 2, kv_heads, head]
+    block_size = layout.block_size(cache)
+    rows = layout.blocks(cache)[slots // block_size, slots % block_size]  # [n, 2, heads, head]
     return rows[:, 0, :, :head_size], rows[:, 1, :, :head_size]
 
 
 def copy_blocks(layout: KVLayout, caches: list[torch.Tensor], src_to_dst: torch.Tensor) -> None:
     """Copy whole blocks in every layer (in place). ``src_to_dst``: [n, 2] int64."""
     src, dst = src_to_dst[:, 0], src_to_dst[:, 1]
-    dim = 0 if layout.combined else 1
+    dim = layout.block_dim
     for cache in caches:
         cache.index_copy_(dim, dst, cache.index_select(dim, src))
 
@@ -133,9 +145,9 @@ def attention(
     seq, pos = token_places(batch, num_tokens)
     offsets = torch.arange(block_size, device=table.device)
     rows = table.index_select(0, seq)  # [num_tokens, width]
-    slots = (rows[:, :, None] * block_size + offsets).reshape(-1)  # [num_tokens * length]
-    kv = layout.slots(cache).index_select(0, slots)  # [num_tokens * length, 2, kv_heads, head]
-    kv_heads = kv.shape[2]
+    # [num_tokens, width, block_size, 2, kv_heads, head]: each token's sequence, in order
+    kv = layout.blocks(cache)[rows[:, :, None], offsets[None, None, :]]
+    kv_heads = kv.shape[-2]
     kv = kv[..., :head_size].reshape(num_tokens, length, 2, kv_heads, head_size).float()
     q = query.float().view(num_tokens, kv_heads, num_heads // kv_heads, head_size)
     scores = torch.einsum("thgd,tlhd->thgl", q, kv[:, :, 0]) * scale

@@ -4,7 +4,7 @@ compiles again. A dynamic backend records them as not supported."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +12,7 @@ from crossinfer.backend import EngineLimits, KVCacheSpec, StaticShapes
 from crossinfer.engine.batch import build_attention_batch
 from crossinfer.engine.request import Request
 from crossinfer.engine.scheduler import ScheduledChunk
+from crossinfer.engine.static_batch import StepShape
 from crossinfer.sampling_params import SamplingParams
 from crossinfer_conformance import sentinels
 from crossinfer_conformance.cases import KV_HEADS, Case
@@ -136,7 +137,8 @@ def check_static_sink(ctx: CheckContext, case: Case) -> None:
 
 def check_static_no_recompile(ctx: CheckContext, case: Case) -> None:
     """The engine compiles every shape in its warm-up, then a mixed workload (prefills,
-    decodes, prefix-cache hits, prompt logprobs) compiles nothing more."""
+    decodes, prefix-cache hits, prompt logprobs) compiles nothing more; and its steps keep
+    what the backend declared (prefill and decode apart, decodes at the decode buckets)."""
     from crossinfer import LLM, SamplingParams
     from crossinfer.engine.errors import RecompileError
     from crossinfer_conformance.checks.engine import _block_size, _loaded, _prompt
@@ -155,6 +157,7 @@ def check_static_no_recompile(ctx: CheckContext, case: Case) -> None:
     warmed = ctx.backend.compiled_graph_count()
     if not warmed:
         raise CheckFailed("the backend declares static shapes but counted no compiled graph")
+    steps = _record_steps(llm)
     gen = ctx.generator(case.id)
     shared = _prompt(gen, 40)
     prompts = [shared + _prompt(gen, n) for n in (1, 9, 23)] + [_prompt(gen, n) for n in (3, 60)]
@@ -170,6 +173,40 @@ def check_static_no_recompile(ctx: CheckContext, case: Case) -> None:
     count = ctx.backend.compiled_graph_count()
     if count != warmed:
         raise CheckFailed(f"{count - (warmed or 0)} graphs compiled after warm-up")
+    _check_steps(steps, llm.engine.runner.static)
+
+
+def _record_steps(llm: Any) -> list[tuple[frozenset[bool], StepShape]]:
+    """Each step's kinds of chunk (decode or not) and the shape it runs at, as scheduled."""
+    from crossinfer.engine.static_batch import step_shape
+
+    scheduler, shapes = llm.engine.scheduler, llm.engine.runner.static
+    schedule = scheduler.schedule
+    steps: list[tuple[frozenset[bool], StepShape]] = []
+
+    def recording() -> Any:
+        output = schedule()
+        if output.chunks:
+            kinds = frozenset(c.is_decode for c in output.chunks)
+            steps.append((kinds, step_shape(output.chunks, shapes)))
+        return output
+
+    scheduler.schedule = recording
+    return steps
+
+
+def _check_steps(steps: list[tuple[frozenset[bool], StepShape]], shapes: StaticShapes) -> None:
+    """What the backend declared about its steps held over the workload."""
+    kinds = {kind for kind, _ in steps}
+    if not {frozenset({True}), frozenset({False})} <= kinds:
+        raise CheckFailed(f"the workload did not run both decode and prefill steps: {kinds}")
+    if shapes.split_prefill_decode and frozenset({True, False}) in kinds:
+        mixed = sum(1 for kind, _ in steps if len(kind) == 2)
+        raise CheckFailed(f"{mixed} steps mixed prefill and decode (split_prefill_decode)")
+    if shapes.decode_buckets:
+        wrong = {s for kind, s in steps if kind == {True} and s.num_tokens != s.num_seqs}
+        if wrong:
+            raise CheckFailed(f"decode steps ran outside the decode buckets: {sorted(wrong)}")
 
 
 def check_native_attention(ctx: CheckContext, case: Case) -> None:
