@@ -66,6 +66,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="most logprobs (and prompt logprobs) a request may ask for (default 20)",
     )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        "--num-shard",  # TGI's name
+        dest="tensor_parallel_size",
+        type=int,
+        default=1,
+        help="split the model over this many ranks, one process per device (default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -86,5 +95,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         prefix_cache_seed=args.prefix_cache_seed,
         max_logprobs=args.max_logprobs,
         compile_cache_dir=args.compile_cache_dir,
+        tensor_parallel_size=args.tensor_parallel_size,
         seed=args.seed,
     )

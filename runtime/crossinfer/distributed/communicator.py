@@ -28,6 +28,11 @@ class TorchDistributedCommunicator(Communicator):
     ) -> None:
         self.rank = rank
         self.world_size = world_size
+        if dist.is_initialized() and dist.get_world_size() != world_size:
+            raise RuntimeError(
+                f"this process is already in a torch.distributed group of "
+                f"{dist.get_world_size()} ranks, not {world_size}; close it first"
+            )
         if not dist.is_initialized():
             dist.init_process_group(
                 backend=pg_backend,

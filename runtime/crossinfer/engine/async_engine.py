@@ -145,6 +145,7 @@ class AsyncLLMEngine:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        self.engine.close()
 
     @property
     def is_healthy(self) -> bool:

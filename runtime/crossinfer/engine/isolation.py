@@ -27,6 +27,8 @@ def execute_isolating(
     """The step's result for the chunks that work, and the failure of each that does not."""
     try:
         return runner.execute(output), []
+    except EngineFatalError:  # the engine itself is broken (a lost rank): no one to blame
+        raise
     except Exception as exc:
         error = exc
     _check_device(runner, error)
@@ -43,6 +45,8 @@ def execute_isolating(
     for chunk in output.chunks:
         try:
             result = runner.execute(SchedulerOutput((chunk,), copies, ()))
+        except EngineFatalError:
+            raise
         except Exception as exc:
             failures.append((chunk.request.request_id, exc))
             _check_device(runner, exc)

@@ -125,6 +125,16 @@ class LLMEngine:
         group.samples.append(sample)
         self._samples[request.request_id] = (group, sample)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any, and leave their group (the engine cannot
+        step after this)."""
+        if self.runner.workers is None:
+            return
+        self.runner.workers.close()
+        communicator = self.runner.model.tp.communicator
+        if communicator is not None:
+            communicator.close()
+
     def abort_request(self, request_id: str) -> None:
         """End a request and all its samples; frees their blocks. Unknown ids are ignored."""
         group = self._groups.pop(request_id, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -22,6 +23,9 @@ from crossinfer.engine.sampler import SampledToken, SamplingError, SamplingRow, 
 from crossinfer.engine.scheduler import ScheduledChunk, SchedulerOutput
 from crossinfer.engine.static_batch import all_shapes, build_padded_step
 from crossinfer.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from crossinfer.engine.workers import WorkerGroup
 
 logger = logging.getLogger("crossinfer.engine")
 
@@ -50,6 +54,7 @@ class ModelRunner:
         block_size: int,
         static: StaticShapes | None = None,
         max_logprobs: int = 20,
+        samples: bool = True,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -58,6 +63,10 @@ class ModelRunner:
         self.device = backend.device()
         self.static = static
         self.max_logprobs = max_logprobs  # compiled backends take this many top logprobs
+        # False on a tensor-parallel worker: its logits are computed (the LM head gathers
+        # them, a collective every rank takes part in) and rank 0 alone samples.
+        self.samples = samples
+        self.workers: WorkerGroup | None = None  # ranks that mirror every call (rank 0 only)
         self._graphs_seen: int | None = None  # compiled graphs counted after the warm-up
 
     def _no_grad(self) -> torch.autograd.grad_mode.no_grad | torch.inference_mode:
@@ -69,8 +78,18 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> StepResult:
         """Run one step: copy blocks, run the model over every chunk, score the prompt rows
         that were asked for, and sample each chunk that reaches the end of its tokens."""
-        with self._no_grad():
-            return self._execute(output)
+        if self.workers is None:
+            with self._no_grad():
+                return self._execute(output)
+        self.workers.send("execute", output)
+        try:
+            with self._no_grad():
+                result = self._execute(output)
+        except Exception:
+            self.workers.collect(local_failed=True)
+            raise
+        self.workers.collect()
+        return result
 
     def _execute(self, output: SchedulerOutput) -> StepResult:
         self.backend.begin_step()
@@ -132,8 +151,13 @@ class ModelRunner:
         each token bucket, a block copy. Then start counting graphs. Returns (shapes run,
         seconds)."""
         assert self.static is not None
+        if self.workers is not None:
+            self.workers.send("warm_up", None)
         with self._no_grad():
-            return self._warm_up(self.static, progress)
+            shapes = self._warm_up(self.static, progress)
+        if self.workers is not None:
+            self.workers.collect()
+        return shapes
 
     def _warm_up(self, static: StaticShapes, progress: bool) -> tuple[int, float]:
         start = time.monotonic()
@@ -177,6 +201,8 @@ class ModelRunner:
     ) -> tuple[dict[str, list[SampledToken]], tuple[str, ...]]:
         """Tokens per request; a chunk whose logits cannot be sampled is left out and named,
         and the others are sampled as if it had not been there (no draw happened yet)."""
+        if not self.samples:
+            return {}, ()
         rows, owners = self._sampling_rows(chunks)
         keep = list(range(len(chunks)))
         try:

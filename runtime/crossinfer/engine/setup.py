@@ -8,14 +8,16 @@ import os
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from crossinfer.backend import Backend, EngineLimits, KVCacheSpec, StaticShapes
+from crossinfer.distributed.tensor_parallel import TensorParallel, check_sizes
 from crossinfer.engine.kv_cache import KVCacheManager
 from crossinfer.engine.runner import ModelRunner
 from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
+from crossinfer.engine.workers import RunnerSpec, WorkerGroup, local_init_method
 from crossinfer.loader import ModelFiles, open_model
-from crossinfer.models.llama import LlamaForCausalLM
+from crossinfer.models.llama import LlamaArgs, LlamaForCausalLM
 from crossinfer.models.registry import build_model
 from crossinfer.registry import resolve_device
 
@@ -60,6 +62,8 @@ class EngineConfig:
     cache directory (``$XDG_CACHE_HOME/crossinfer/compile/<backend>``)."""
     fail_on_recompile: bool = False
     """Raise (instead of logging) when a compiled backend compiles a graph after warm-up."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over, one process each (engine/workers.py)."""
     seed: int = 0
 
 
@@ -75,6 +79,8 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: frozenset[int]
+    workers: WorkerGroup | None = None
+    """Ranks 1 .. N-1 under tensor parallelism (this process is rank 0)."""
 
 
 @dataclass(frozen=True)
@@ -90,20 +96,62 @@ class EngineParts:
 
 def load_model(config: EngineConfig, backend: Backend | None = None) -> LoadedModel:
     """Resolve the device (failing before any loading), then load weights and tokenizer.
-    ``backend``: use this instance instead of resolving ``config.device``."""
+    ``backend``: use this instance instead of resolving ``config.device``. With a
+    tensor-parallel size above 1 this process is rank 0 and the other ranks start here."""
     backend = backend or resolve_device(config.device)
+    size = config.tensor_parallel_size
+    if size == 1:
+        return load_shard(config, backend, TensorParallel())
+    check_parallel(size, backend, open_model(config.model).config)
+    init_method = local_init_method()
+    workers = WorkerGroup.start(config, init_method)
+    try:
+        tp = TensorParallel(0, size, backend.communicator(0, size, init_method))
+        loaded = load_shard(config, backend, tp)
+        workers.wait_ready()
+    except BaseException:
+        workers.close()
+        raise
+    return replace(loaded, workers=workers)
+
+
+def load_shard(config: EngineConfig, backend: Backend, tp: TensorParallel) -> LoadedModel:
+    """This rank's part of the model (all of it at size 1), and the tokenizer."""
     backend.seed(config.seed)
     backend.set_compile_cache_dir(config.compile_cache_dir or _default_compile_cache(backend))
     files = open_model(config.model)
     dtype = _pick_dtype(config.dtype, backend.capabilities().dtypes, backend.name)
     max_model_len = _max_model_len(config, files)
-    model = build_model(files.config, backend, dtype, max_model_len)
+    model = build_model(files.config, backend, dtype, max_model_len, tp)
     model.load_weights(files.iter_weights())
     model = backend.prepare_model(model)  # type: ignore[assignment]
     tokenizer = files.load_tokenizer()
     return LoadedModel(
         backend, files, model, tokenizer, dtype, max_model_len, _eos_ids(files, tokenizer)
     )
+
+
+def check_parallel(size: int, backend: Backend, hf_config: PretrainedConfig) -> None:
+    """Refuse, before anything is loaded, a tensor-parallel size this model or backend
+    cannot take."""
+    caps = backend.capabilities()
+    if caps.distributed_backend is None:
+        raise ValueError(
+            f"--tensor-parallel-size {size}: the {backend.name} backend has no multi-device "
+            "collectives"
+        )
+    args = LlamaArgs.from_config(hf_config)
+    problem = check_sizes(args.num_heads, args.num_kv_heads, size)
+    if problem is None and args.intermediate_size % size:
+        problem = f"the MLP's intermediate size {args.intermediate_size} is not divisible by {size}"
+    if problem is not None:
+        raise ValueError(f"--tensor-parallel-size {size}: {problem}")
+    devices = backend.probe().devices
+    if backend.device().type != "cpu" and len(devices) < size:  # the CPU's ranks share it
+        raise ValueError(
+            f"--tensor-parallel-size {size}: the {backend.name} backend has only "
+            f"{len(devices)} devices ({', '.join(devices)})"
+        )
 
 
 def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineParts:
@@ -125,7 +173,8 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
             f"supported: {', '.join(map(str, caps.block_sizes))}"
         )
     args = loaded.model.args
-    spec = KVCacheSpec(args.num_layers, args.num_kv_heads, args.head_dim, block_size, loaded.dtype)
+    kv_heads = loaded.model.num_local_kv_heads  # this rank's share
+    spec = KVCacheSpec(args.num_layers, kv_heads, args.head_dim, block_size, loaded.dtype)
     limits = EngineLimits(
         config.max_num_batched_tokens, config.max_num_seqs, max_model_len, block_size
     )
@@ -171,6 +220,12 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
     runner = ModelRunner(
         loaded.model, backend, kv_caches, block_size, static, max_logprobs=config.max_logprobs
     )
+    if loaded.workers is not None:  # the other ranks build theirs, then mirror every call
+        loaded.workers.send(
+            "runner", RunnerSpec(spec, num_blocks, block_size, static, config.max_logprobs)
+        )
+        loaded.workers.collect()
+        runner.workers = loaded.workers
     if static is not None:
         count, seconds = runner.warm_up(progress=not os.environ.get("CROSSINFER_NO_PROGRESS"))
         logger.info(

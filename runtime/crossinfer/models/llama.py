@@ -4,6 +4,11 @@ Tokens of all sequences in a step are packed into one ``[num_tokens]`` batch; at
 backend's paged attention, everything else is plain PyTorch. Projections that read the same
 input are fused (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``) so a step runs two
 matrix multiplies fewer per layer; ``load_weights`` maps checkpoint names onto the fused ones.
+
+Tensor parallelism (``TensorParallel``): each rank holds its query heads, KV heads and MLP
+columns (``models/shards.py``) and reduces through the backend's communicator after
+``o_proj`` and ``down_proj`` (``layers/parallel.py``); the embedding and the LM head are split
+by vocabulary. At size 1 every layer is the plain one.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from crossinfer.backend import AttentionBatch, Backend
+from crossinfer.distributed.tensor_parallel import TensorParallel
 from crossinfer.layers.activation import SiluAndMul
 from crossinfer.layers.norm import RMSNorm
+from crossinfer.layers.parallel import lm_head, row_linear, vocab_embedding, weight_of
 from crossinfer.layers.rotary import RotaryEmbedding, Rotate
+from crossinfer.models.shards import RankShards
 
 
 @dataclass(frozen=True)
@@ -69,16 +77,18 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [num_tokens, 1, head_dim /
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, args: LlamaArgs, backend: Backend) -> None:
+    def __init__(
+        self, args: LlamaArgs, backend: Backend, shards: RankShards, tp: TensorParallel
+    ) -> None:
         super().__init__()
         self.backend = backend
-        self.num_heads = args.num_heads
-        self.num_kv_heads = args.num_kv_heads
+        q_size, kv_size = shards.q[1], shards.kv[1]  # this rank's
+        self.num_heads = q_size // args.head_dim
+        self.num_kv_heads = kv_size // args.head_dim
         self.head_dim = args.head_dim
         self.scale = args.head_dim**-0.5
-        q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
+        self.o_proj = row_linear(q_size, args.hidden_size, args.o_bias, tp)
         self.rotate = Rotate()
 
     def forward(
@@ -104,12 +114,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, args: LlamaArgs) -> None:
+    def __init__(self, args: LlamaArgs, shards: RankShards, tp: TensorParallel) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(
-            args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias
-        )
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        columns = shards.mlp[1]  # this rank's
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * columns, bias=args.mlp_bias)
+        self.down_proj = row_linear(columns, args.hidden_size, args.mlp_bias, tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,10 +126,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: LlamaArgs, backend: Backend) -> None:
+    def __init__(
+        self, args: LlamaArgs, backend: Backend, shards: RankShards, tp: TensorParallel
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(args, backend)
-        self.mlp = LlamaMLP(args)
+        self.self_attn = LlamaAttention(args, backend, shards, tp)
+        self.mlp = LlamaMLP(args, shards, tp)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -144,6 +155,8 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual, kv_cache
 
 
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # split by vocabulary rows
+
 # checkpoint suffix -> (fused parameter suffix, shard index)
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),
@@ -163,10 +176,16 @@ class LlamaForCausalLM(nn.Module):
         backend: Backend,
         dtype: torch.dtype,
         max_positions: int | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.args = args = LlamaArgs.from_config(config)
         self.dtype = dtype
+        self.tp = tp = tp or TensorParallel()
+        self.shards = shards = RankShards.build(
+            tp, args.num_heads, args.num_kv_heads, args.head_dim, args.intermediate_size,
+            args.vocab_size,
+        )  # fmt: skip
         self.rotary = RotaryEmbedding(
             config,
             args.head_dim,
@@ -174,18 +193,24 @@ class LlamaForCausalLM(nn.Module):
             dtype,
             backend.device(),
         )
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = vocab_embedding(args.vocab_size, args.hidden_size, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(args, backend) for _ in range(args.num_layers)
+            LlamaDecoderLayer(args, backend, shards, tp) for _ in range(args.num_layers)
         )
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = lm_head(args.hidden_size, args.vocab_size, tp)
         self.tie_weights()
 
+    @property
+    def num_local_kv_heads(self) -> int:
+        """The KV heads this rank's cache holds."""
+        return self.shards.kv[1] // self.args.head_dim
+
     def tie_weights(self) -> None:
-        """Share the embedding with the output head when the config says so."""
+        """Share the embedding with the output head when the config says so (both are split
+        the same way)."""
         if self.args.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            getattr(self.lm_head, "inner", self.lm_head).weight = weight_of(self.embed_tokens)
 
     def forward(
         self,
@@ -221,11 +246,18 @@ class LlamaForCausalLM(nn.Module):
                 name.startswith("lm_head") and self.args.tie_word_embeddings
             ):
                 continue
+            part = self.shards.part(name, tensor)
+            if part is None:  # held by another rank
+                continue
+            tensor = part
             target, shard = self._map_name(name)
+            target = target if target in params else _inner_name(target)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in this model")
             param = params[target]
             view = self._shard_view(param, target, shard) if shard is not None else param
+            if self.tp.size > 1 and name.endswith(VOCAB_TENSORS):
+                view = self._vocab_rows(view, tensor.shape[0])
             if view.shape != tensor.shape:
                 raise ValueError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -235,6 +267,14 @@ class LlamaForCausalLM(nn.Module):
                 view.copy_(tensor)
             loaded.add(f"{target}#{shard}" if shard is not None else target)
         self._check_all_loaded(params, loaded)
+
+    @staticmethod
+    def _vocab_rows(param: torch.Tensor, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of a vocabulary shard (the last rank's may hold fewer real
+        rows than its size: the rest are zeroed padding)."""
+        with torch.no_grad():
+            param.narrow(0, rows, param.shape[0] - rows).zero_()
+        return param.narrow(0, 0, rows)
 
     @staticmethod
     def _map_name(name: str) -> tuple[str, int | None]:
@@ -247,14 +287,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _shard_view(self, param: torch.Tensor, target: str, shard: int) -> torch.Tensor:
         if ".qkv_proj." in target:
-            a = self.args
-            sizes = [
-                a.num_heads * a.head_dim,
-                a.num_kv_heads * a.head_dim,
-                a.num_kv_heads * a.head_dim,
-            ]
+            sizes = [self.shards.q[1], self.shards.kv[1], self.shards.kv[1]]
         else:
-            sizes = [self.args.intermediate_size] * 2
+            sizes = [self.shards.mlp[1]] * 2
         start = sum(sizes[:shard])
         return param.narrow(0, start, sizes[shard])
 
@@ -269,3 +304,9 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ValueError(f"the checkpoint is missing {len(missing)} tensors: {shown}")
+
+
+def _inner_name(target: str) -> str:
+    """``a.b.weight`` -> ``a.b.inner.weight``: the shard inside a tensor-parallel wrapper."""
+    module, _, leaf = target.rpartition(".")
+    return f"{module}.inner.{leaf}"

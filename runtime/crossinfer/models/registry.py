@@ -6,6 +6,7 @@ import torch
 from transformers import PretrainedConfig
 
 from crossinfer.backend import Backend
+from crossinfer.distributed.tensor_parallel import TensorParallel
 from crossinfer.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
@@ -36,6 +37,7 @@ def build_model(
     backend: Backend,
     dtype: torch.dtype,
     max_positions: int | None = None,
+    tp: TensorParallel | None = None,
 ) -> LlamaForCausalLM:
     """An empty model on the backend's device: parameters allocated, not initialised.
 
@@ -44,7 +46,7 @@ def build_model(
     """
     cls = model_class(config)
     with torch.device("meta"):
-        model = cls(config, backend, dtype, max_positions)
+        model = cls(config, backend, dtype, max_positions, tp)
     model = model.to_empty(device=backend.device()).to(dtype)
     model.tie_weights()
     return model.eval()
