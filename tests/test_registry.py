@@ -219,6 +219,7 @@ def test_backends_json_has_one_object_per_backend(
         "version": "",
         "api": "1.0",
         "available": True,
+        "collectives": "gloo",
         "reason": "",
         "devices": ["cpu:0"],
     }
@@ -335,6 +336,7 @@ def test_out_of_tree_example_is_listed_available(child_report: dict[str, Any]) -
         "version": "0.3.1",
         "api": "1.1",
         "available": True,
+        "collectives": "gloo",
         "reason": "",
         "devices": ["example-device-0"],
     }
@@ -398,7 +400,9 @@ def test_resolve_device_in_child(child_report: dict[str, Any]) -> None:
 def test_backends_command_prints_an_aligned_table(child: _Child) -> None:
     lines = child.run("-m", "crossinfer.cli", "backends").splitlines()
     header = lines[0]
-    assert header.split() == ["name", "package", "version", "api", "available", "reason", "devices"]
+    assert header.split() == [
+        "name", "package", "version", "api", "available", "collectives", "reason", "devices"
+    ]  # fmt: skip
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == [
         "absent", "broken", "cpu", "cuda", "example", "future", "neuron", "rocm", "tpu", "xpu"
@@ -409,17 +413,20 @@ def test_backends_command_prints_an_aligned_table(child: _Child) -> None:
         "0.3.1",
         "1.1",
         "yes",
+        "gloo",
         "-",
         "example-device-0",
     ]
-    assert rows["broken"].split()[1:6] == [
+    assert rows["broken"].split()[1:7] == [
         "crossinfer-broken-backend",
         "0.0.1",
         "-",
         "no",
+        "-",
         "failed",
     ]
-    for column in ("package", "version", "api", "available", "reason", "devices"):
+    assert rows["cuda"].split()[5] == "nccl" and rows["neuron"].split()[5] == "xla"
+    for column in ("package", "version", "api", "available", "collectives", "reason", "devices"):
         start = header.index(" " + column) + 1
         # Every cell of the column starts where its heading does, after a gap of spaces.
         assert all(line[start - 2 : start] == "  " != line[start] for line in lines), column

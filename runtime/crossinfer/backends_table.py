@@ -7,7 +7,9 @@ from typing import Any
 
 from crossinfer.registry import BackendInfo
 
-COLUMNS: tuple[str, ...] = ("name", "package", "version", "api", "available", "reason", "devices")
+COLUMNS: tuple[str, ...] = (
+    "name", "package", "version", "api", "available", "collectives", "reason", "devices"
+)  # fmt: skip
 """Column order of the table and key order of each JSON object."""
 
 
@@ -19,6 +21,7 @@ def info_to_dict(info: BackendInfo) -> dict[str, Any]:
         "version": info.version,
         "api": info.api,
         "available": info.available,
+        "collectives": _collectives(info),
         "reason": info.reason,
         "devices": list(info.devices),
     }
@@ -46,3 +49,14 @@ def _cells(info: BackendInfo) -> list[str]:
     values["available"] = "yes" if info.available else "no"
     values["devices"] = ", ".join(info.devices)
     return [str(values[column]) or "-" for column in COLUMNS]
+
+
+def _collectives(info: BackendInfo) -> str:
+    """The torch.distributed backend its ranks talk over (what ``--tensor-parallel-size``
+    uses), "" when it has none or could not be asked."""
+    if info.backend is None:
+        return ""
+    try:
+        return info.backend.capabilities().distributed_backend or ""
+    except Exception:  # a row is still shown for a backend whose capabilities fail
+        return ""

@@ -27,6 +27,7 @@ from crossinfer.sampling_params import SamplingParams
 Prompt = str | Sequence[int]
 
 logger = logging.getLogger("crossinfer.engine")
+HEALTH_POLL_S = 1.0  # while idle, how often the engine checks that its ranks are alive
 
 
 class EngineOverloadedError(RuntimeError):
@@ -225,7 +226,10 @@ class AsyncLLMEngine:
                     while not (
                         self._commands or self._stopping or self.engine.has_unfinished_requests()
                     ):
-                        self._cond.wait()
+                        self._cond.wait(HEALTH_POLL_S)
+                        lost = self.engine.lost_reason()
+                        if lost is not None:  # a rank died while nothing ran
+                            raise EngineFatalError(lost)
                     if self._stopping:
                         break
                     commands, self._commands = self._commands, []

@@ -135,6 +135,11 @@ class LLMEngine:
         if communicator is not None:
             communicator.close()
 
+    def lost_reason(self) -> str | None:
+        """Why the engine can no longer step although nothing failed in it (a
+        tensor-parallel rank has exited), or None."""
+        return None if self.runner.workers is None else self.runner.workers.dead()
+
     def abort_request(self, request_id: str) -> None:
         """End a request and all its samples; frees their blocks. Unknown ids are ignored."""
         group = self._groups.pop(request_id, None)

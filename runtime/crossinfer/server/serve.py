@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True  # read by uvicorn's main loop
 
     engine.on_stop = on_engine_stop
+    engine.start()  # now, not at the first request: it watches the tensor-parallel ranks
     try:
         server.run()
     finally:
