@@ -13,9 +13,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from crossinfer.backend import Backend, EngineLimits, KVCacheSpec, StaticShapes
 from crossinfer.distributed.tensor_parallel import TensorParallel, check_sizes
 from crossinfer.engine.kv_cache import KVCacheManager
+from crossinfer.engine.launched import LaunchedWorkers, for_launch, launched_ranks
 from crossinfer.engine.runner import ModelRunner
 from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
-from crossinfer.engine.workers import RunnerSpec, WorkerGroup, local_init_method
+from crossinfer.engine.workers import RunnerSpec, SpawnedWorkers, WorkerGroup, local_init_method
 from crossinfer.loader import ModelFiles, open_model
 from crossinfer.models.llama import LlamaArgs, LlamaForCausalLM
 from crossinfer.models.registry import build_model
@@ -99,15 +100,26 @@ def load_model(config: EngineConfig, backend: Backend | None = None) -> LoadedMo
     ``backend``: use this instance instead of resolving ``config.device``. With a
     tensor-parallel size above 1 this process is rank 0 and the other ranks start here."""
     backend = backend or resolve_device(config.device)
+    launched = launched_ranks()  # torchrun (or another env:// launcher) started the ranks
+    if launched is not None:
+        config = for_launch(config, launched[1])
     size = config.tensor_parallel_size
     if size == 1:
         return load_shard(config, backend, TensorParallel())
     check_parallel(size, backend, open_model(config.model).config)
-    init_method = local_init_method()
-    workers = WorkerGroup.start(config, init_method)
+    workers: WorkerGroup
+    if launched is not None:
+        if launched[0] != 0:
+            raise ValueError("only rank 0 loads an engine; the other ranks run as workers")
+        communicator = backend.communicator(0, size, "env://")
+        workers = LaunchedWorkers(size)
+    else:
+        init_method = local_init_method()
+        workers = SpawnedWorkers.start(config, init_method)
     try:
-        tp = TensorParallel(0, size, backend.communicator(0, size, init_method))
-        loaded = load_shard(config, backend, tp)
+        if launched is None:
+            communicator = backend.communicator(0, size, init_method)
+        loaded = load_shard(config, backend, TensorParallel(0, size, communicator))
         workers.wait_ready()
     except BaseException:
         workers.close()

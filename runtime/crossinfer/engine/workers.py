@@ -14,12 +14,14 @@ naming it; when rank 0 goes away the pipe closes and the worker exits.
 
 from __future__ import annotations
 
+import abc
 import atexit
 import logging
 import multiprocessing
 import os
 import socket
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -63,15 +65,53 @@ def local_init_method() -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-class WorkerGroup:
-    """Ranks 1 .. N-1 of one tensor-parallel model, seen from rank 0."""
+class WorkerGroup(abc.ABC):
+    """Ranks 1 .. N-1 of one tensor-parallel model, seen from rank 0: started here
+    (``SpawnedWorkers``) or by a launcher such as torchrun (engine/launched.py)."""
+
+    @property
+    @abc.abstractmethod
+    def pids(self) -> list[int]:
+        """The workers' process ids where they run on this machine."""
+
+    @abc.abstractmethod
+    def wait_ready(self) -> None:
+        """Wait until every worker has loaded its shard; raise with a worker's error."""
+
+    @abc.abstractmethod
+    def send(self, kind: str, payload: Any) -> None:
+        """Start a call (``runner``, ``execute``, ``warm_up``) on every worker."""
+
+    @abc.abstractmethod
+    def collect(self, local_failed: bool = False) -> None:
+        """Every worker's reply to the last call. A worker error where rank 0 failed as well
+        is the same failure (the same inputs); where rank 0 did not, the ranks diverged."""
+
+    @abc.abstractmethod
+    def dead(self) -> str | None:
+        """Why the group is broken (a worker has exited), or None (also when unknowable)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop every worker."""
+
+
+def check_replies(replies: list[tuple[int, tuple[str, Any]]], local_failed: bool) -> None:
+    """Raise when a worker failed a call that rank 0 did not: the ranks diverged."""
+    errors = [f"rank {rank}: {detail}" for rank, (kind, detail) in replies if kind == "error"]
+    if errors and not local_failed:
+        raise EngineFatalError("tensor-parallel ranks diverged: " + "; ".join(errors))
+
+
+class SpawnedWorkers(WorkerGroup):
+    """Workers started here, as multiprocessing children with a pipe each."""
 
     def __init__(self, workers: list[_Worker]) -> None:
         self._workers = workers
         self._closed = False
 
     @classmethod
-    def start(cls, config: EngineConfig, init_method: str) -> WorkerGroup:
+    def start(cls, config: EngineConfig, init_method: str) -> SpawnedWorkers:
         """Start the workers; each joins the group and loads its shard (see wait_ready)."""
         context = multiprocessing.get_context("spawn")
         workers = []
@@ -96,7 +136,6 @@ class WorkerGroup:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 
     def wait_ready(self) -> None:
-        """Wait until every worker has loaded its shard; raise with a worker's error."""
         for worker in self._workers:
             kind, detail = self._reply(worker)
             if kind != "ready":
@@ -112,18 +151,10 @@ class WorkerGroup:
                 raise EngineFatalError(self._gone(worker)) from exc
 
     def collect(self, local_failed: bool = False) -> None:
-        """Every worker's reply to the last call. A worker error where rank 0 failed as well
-        is the same failure (the same inputs); where rank 0 did not, the ranks diverged."""
-        errors = []
-        for worker in self._workers:
-            kind, detail = self._reply(worker)
-            if kind == "error":
-                errors.append(f"rank {worker.rank}: {detail}")
-        if errors and not local_failed:
-            raise EngineFatalError("tensor-parallel ranks diverged: " + "; ".join(errors))
+        replies = [(worker.rank, self._reply(worker)) for worker in self._workers]
+        check_replies(replies, local_failed)
 
     def dead(self) -> str | None:
-        """Why the group is broken (a worker has exited), or None."""
         for worker in self._workers:
             if not worker.process.is_alive():
                 return self._gone(worker)
@@ -183,14 +214,31 @@ def worker_main(
         conn.send(("error", "".join(traceback.format_exception_only(exc)).strip()))
         return
     conn.send(("ready", None))
+
+    def receive() -> tuple[str, Any] | None:
+        try:
+            call: tuple[str, Any] = conn.recv()
+        except (EOFError, ConnectionResetError):  # rank 0 is gone
+            return None
+        return call
+
+    serve_calls(loaded, receive, lambda kind, detail: conn.send((kind, detail)))
+    communicator.close()
+
+
+def serve_calls(
+    loaded: Any,
+    receive: Callable[[], tuple[str, Any] | None],
+    reply: Callable[[str, Any], None],
+) -> None:
+    """A worker's loop: run each call rank 0 sends, reply "ok" or "error", until it says
+    stop (or ``receive`` returns None: rank 0 is gone)."""
     runner: Any = None
     while True:
-        try:
-            kind, payload = conn.recv()
-        except (EOFError, ConnectionResetError):  # rank 0 is gone
+        call = receive()
+        if call is None or call[0] == "stop":
             break
-        if kind == "stop":
-            break
+        kind, payload = call
         try:
             if kind == "runner":
                 runner = _build_runner(loaded, payload)
@@ -201,10 +249,9 @@ def worker_main(
             else:
                 raise ValueError(f"unknown call {kind!r}")
         except Exception as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            reply("error", f"{type(exc).__name__}: {exc}")
         else:
-            conn.send(("ok", None))
-    communicator.close()
+            reply("ok", None)
 
 
 def _build_runner(loaded: Any, spec: RunnerSpec) -> Any:

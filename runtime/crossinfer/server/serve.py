@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from crossinfer.engine.async_engine import AsyncLLMEngine
+    from crossinfer.engine.launched import launched_ranks, run_rank
     from crossinfer.engine.setup import load_model
     from crossinfer.engine_args import engine_config_from_args
     from crossinfer.server.app import build_app
@@ -63,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args)
+    launched = launched_ranks()
+    if launched is not None and launched[0] != 0:  # torchrun's other ranks: workers, no HTTP
+        logger.info("rank %d of %d: serving rank 0's calls", *launched)
+        return run_rank(config, *launched)
     loaded = load_model(config)  # resolves --device first: a missing one fails before loading
     engine = AsyncLLMEngine.from_config(config, loaded, max_waiting=args.max_waiting)
     settings = ServerSettings(
