@@ -134,9 +134,10 @@ def test_sizes_that_cannot_split_are_refused_before_loading(
     folder = _folder(tmp_path, "llama-gqa", tokenizer_folder)
     with pytest.raises(ValueError, match="4 attention heads are not divisible by the tensor-"):
         LLM(model=str(folder), device="cpu", tensor_parallel_size=3)
-    assert check_sizes(8, 2, 4) is None  # each KV head replicated on two ranks
+    assert check_sizes(8, 2, 96, 4) is None  # each KV head replicated on two ranks
+    assert "intermediate size 90 is not divisible by 4" in (check_sizes(8, 2, 90, 4) or "")
     assert "neither a divisor nor a multiple of the model's 3 KV heads" in (
-        check_sizes(12, 3, 4) or ""
+        check_sizes(12, 3, 96, 4) or ""
     )
 
 

@@ -59,8 +59,9 @@ class TensorParallel:
         return self.rank * num_kv_heads // self.size, 1
 
 
-def check_sizes(num_heads: int, num_kv_heads: int, size: int) -> str | None:
-    """Why a model with these heads cannot be split ``size`` ways; None when it can."""
+def check_sizes(num_heads: int, num_kv_heads: int, intermediate_size: int, size: int) -> str | None:
+    """Why a model with these heads and MLP columns cannot be split ``size`` ways; None when
+    it can."""
     if size < 1:
         return f"the tensor-parallel size must be at least 1, not {size}"
     if num_heads % size:
@@ -73,4 +74,6 @@ def check_sizes(num_heads: int, num_kv_heads: int, size: int) -> str | None:
             f"the tensor-parallel size {size} is neither a divisor nor a multiple of the "
             f"model's {num_kv_heads} KV heads"
         )
+    if intermediate_size % size:
+        return f"the MLP's intermediate size {intermediate_size} is not divisible by {size}"
     return None

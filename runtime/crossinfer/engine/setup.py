@@ -153,9 +153,7 @@ def check_parallel(size: int, backend: Backend, hf_config: PretrainedConfig) -> 
             "collectives"
         )
     args = LlamaArgs.from_config(hf_config)
-    problem = check_sizes(args.num_heads, args.num_kv_heads, size)
-    if problem is None and args.intermediate_size % size:
-        problem = f"the MLP's intermediate size {args.intermediate_size} is not divisible by {size}"
+    problem = check_sizes(args.num_heads, args.num_kv_heads, args.intermediate_size, size)
     if problem is not None:
         raise ValueError(f"--tensor-parallel-size {size}: {problem}")
     devices = backend.probe().devices

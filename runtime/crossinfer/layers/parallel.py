@@ -85,9 +85,7 @@ def lm_head(hidden_size: int, vocab_size: int, tp: TensorParallel) -> nn.Module:
     return ParallelLMHead(hidden_size, vocab_size, tp)
 
 
-def weight_of(module: nn.Module) -> nn.Parameter:
-    """The weight of a plain layer or of a parallel wrapper's shard."""
-    inner = getattr(module, "inner", module)
-    weight = inner.weight
-    assert isinstance(weight, nn.Parameter)
-    return weight
+def inner(module: nn.Module) -> nn.Module:
+    """The plain layer: ``module`` itself, or a parallel wrapper's shard."""
+    shard: nn.Module = getattr(module, "inner", module)
+    return shard

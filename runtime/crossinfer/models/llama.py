@@ -24,9 +24,9 @@ from crossinfer.backend import AttentionBatch, Backend
 from crossinfer.distributed.tensor_parallel import TensorParallel
 from crossinfer.layers.activation import SiluAndMul
 from crossinfer.layers.norm import RMSNorm
-from crossinfer.layers.parallel import lm_head, row_linear, vocab_embedding, weight_of
+from crossinfer.layers.parallel import inner, lm_head, row_linear, vocab_embedding
 from crossinfer.layers.rotary import RotaryEmbedding, Rotate
-from crossinfer.models.shards import RankShards
+from crossinfer.models.shards import VOCAB_TENSORS, RankShards
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,6 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual, kv_cache
 
 
-VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # split by vocabulary rows
-
 # checkpoint suffix -> (fused parameter suffix, shard index)
 _FUSED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),
@@ -210,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
         """Share the embedding with the output head when the config says so (both are split
         the same way)."""
         if self.args.tie_word_embeddings:
-            getattr(self.lm_head, "inner", self.lm_head).weight = weight_of(self.embed_tokens)
+            inner(self.lm_head).weight = inner(self.embed_tokens).weight
 
     def forward(
         self,

@@ -15,6 +15,8 @@ import torch
 
 from crossinfer.distributed.tensor_parallel import TensorParallel
 
+VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # split by vocabulary rows
+
 
 @dataclass(frozen=True)
 class RankShards:
@@ -67,7 +69,7 @@ class RankShards:
                 if name.endswith(".bias"):
                     return tensor if self.rank == 0 else None
                 return tensor.narrow(1, start, length)
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):  # by vocabulary rows
+        if name.endswith(VOCAB_TENSORS):
             start, length = self.vocab
             return tensor.narrow(0, start, max(0, min(length, tensor.shape[0] - start)))
         return tensor
