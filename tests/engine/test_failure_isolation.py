@@ -153,7 +153,7 @@ def test_detokenizing_failing_for_one_request_fails_it_alone(
     engine = llm.engine
     for request_id, prompt in {**PROMPTS, "b": [20, 21]}.items():
         engine.add_request(request_id, prompt, GREEDY)
-    _, sample = engine._samples["b"]
+    sample = engine.processor._groups["b"].samples[0]
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted")

@@ -1,10 +1,9 @@
-"""The engine's view of one user request: its ``n`` samples, their text state, its prompt
-logprobs, and how it ended; and the ``RequestOutput`` it reports after each step."""
+"""The engine core's view of one user request: its ``n`` samples, the tokens each gained since
+the last output, its prompt logprobs, and how it ended; and the ``CoreOutput`` it reports."""
 
 from __future__ import annotations
 
-from crossinfer.engine.detokenizer import IncrementalDetokenizer
-from crossinfer.engine.outputs import CompletionOutput, RequestMetricsOutput, RequestOutput
+from crossinfer.engine.outputs import CoreOutput, RequestMetricsOutput, SampleDelta
 from crossinfer.engine.prompt_logprobs import PromptScores
 from crossinfer.engine.request import Request
 from crossinfer.engine.sampler import SampledToken
@@ -12,28 +11,25 @@ from crossinfer.sampling_params import SamplingParams
 
 
 class Sample:
-    """One of a request group's samples: the request plus its text state."""
+    """One of a request group's samples: the request plus the tokens since the last output."""
 
-    def __init__(self, request: Request, detokenizer: IncrementalDetokenizer) -> None:
+    def __init__(self, request: Request) -> None:
         self.request = request
-        self.detokenizer = detokenizer
-        self.logprobs: list[SampledToken] = []
-        self.delta = ""  # text added since the last output
-        self.num_new_tokens = 0  # tokens added since the last output
+        self.new_tokens: list[SampledToken] = []
 
 
 class RequestGroup:
     """The ``n`` samples of one user request (forked from the first at its first token)."""
 
-    def __init__(self, request_id: str, prompt: str | None, params: SamplingParams) -> None:
+    def __init__(self, request_id: str, params: SamplingParams) -> None:
         self.request_id = request_id
-        self.prompt = prompt
         self.params = params
         self.samples: list[Sample] = []
         # Entry i scores prompt token i; the first has nothing before it (None).
         self.prompt_logprobs: list[SampledToken | None] | None = (
             None if params.prompt_logprobs is None else [None]
         )
+        self._prompt_logprobs_sent = False
         self.error: str | None = None  # set when the group failed inside the engine
 
     @property
@@ -50,32 +46,34 @@ class RequestGroup:
         if scores.start <= have:
             self.prompt_logprobs.extend(scores.tokens[have - scores.start :])
 
-    def output(self) -> RequestOutput:
-        """The group as of now; then the per-step deltas start again."""
-        first = self.samples[0].request
-        completions = tuple(
-            CompletionOutput(
+    def output(self) -> CoreOutput:
+        """What changed since the last output; then the per-step lists start again. The prompt
+        logprobs go out once, with the first output (complete: it follows the first sampled
+        token)."""
+        with_logprobs = self.params.logprobs is not None
+        samples = tuple(
+            SampleDelta(
                 index=s.request.index,
-                text=s.detokenizer.text,
-                token_ids=tuple(s.request.output_token_ids),
-                delta=s.delta,
-                num_new_tokens=s.num_new_tokens,
-                logprobs=tuple(s.logprobs) if self.params.logprobs is not None else None,
+                new_token_ids=tuple(t.token_id for t in s.new_tokens),
+                new_logprobs=tuple(s.new_tokens) if with_logprobs else None,
                 finish_reason=s.request.status.value if s.request.finished else None,
-                stop_reason=s.request.stop_reason,
+                stop_token_id=s.request.stop_reason
+                if isinstance(s.request.stop_reason, int)
+                else None,
             )
             for s in self.samples
         )
         for sample in self.samples:
-            sample.delta, sample.num_new_tokens = "", 0
+            sample.new_tokens = []
+        first = self.samples[0].request
         metrics = first.metrics
-        generated = sum(s.request.num_output_tokens for s in self.samples)
-        scores = self.prompt_logprobs
-        return RequestOutput(
+        scores = None
+        if self.prompt_logprobs is not None and not self._prompt_logprobs_sent:
+            scores = tuple(self.prompt_logprobs)
+            self._prompt_logprobs_sent = True
+        return CoreOutput(
             request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=tuple(first.prompt_token_ids),
-            outputs=completions,
+            samples=samples,
             finished=self.finished,
             metrics=RequestMetricsOutput(
                 arrival_time=metrics.arrival_time,
@@ -83,8 +81,8 @@ class RequestGroup:
                 time_per_output_token=metrics.time_per_output_token(first.num_output_tokens),
                 num_prompt_tokens=first.num_prompt_tokens,
                 num_cached_tokens=first.num_cached_tokens,
-                num_generated_tokens=generated,
+                num_generated_tokens=sum(s.request.num_output_tokens for s in self.samples),
             ),
-            prompt_logprobs=tuple(scores) if scores is not None else None,
+            prompt_logprobs=scores,
             error=self.error,
         )

@@ -51,3 +51,32 @@ class RequestOutput:
     alternatives; the first token's is None. Complete once the first token is sampled."""
     error: str | None = None
     """Why the request failed inside the engine (a message fit for its client), or None."""
+
+
+@dataclass(frozen=True)
+class SampleDelta:
+    """What one sample gained in a step, as the engine core reports it: token ids, not text
+    (the output processor turns them into text and applies the stop strings)."""
+
+    index: int
+    new_token_ids: tuple[int, ...]
+    new_logprobs: tuple[SampledToken, ...] | None
+    """One per new token, when the request asked for logprobs."""
+    finish_reason: str | None
+    """None while running; "stop" (by token), "length", "abort" or "error" once finished."""
+    stop_token_id: int | None = None
+    """The stop token id that ended the sample, if one did."""
+
+
+@dataclass(frozen=True)
+class CoreOutput:
+    """One request group's change in a step: small and picklable, so that it can cross from
+    an engine-core process to the API server."""
+
+    request_id: str
+    samples: tuple[SampleDelta, ...]
+    finished: bool
+    metrics: RequestMetricsOutput
+    prompt_logprobs: tuple[SampledToken | None, ...] | None = None
+    """Sent once, with the group's first output (see ``RequestOutput.prompt_logprobs``)."""
+    error: str | None = None
