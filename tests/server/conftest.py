@@ -1,4 +1,6 @@
-"""One engine, one server and one offline reference for the whole server test session."""
+"""One engine, one server and one offline reference for the whole server test session. The
+engine runs in its own process, as ``crossinfer serve`` runs it, so every server test goes
+through the engine-core process and the API server's detokenising."""
 
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")
-def server_engine(smollm2_loaded: Any) -> Iterator[Any]:  # AsyncLLMEngine
-    from crossinfer.engine.async_engine import AsyncLLMEngine
+def server_engine() -> Iterator[Any]:  # ProcessEngine
+    from crossinfer.engine.core_client import ProcessEngine
     from crossinfer.engine.setup import EngineConfig
 
     config = EngineConfig(
         device="cpu", max_model_len=MAX_MODEL_LEN, kv_cache_memory=96 << 20, max_num_seqs=64
     )
-    engine = AsyncLLMEngine.from_config(config, smollm2_loaded)
+    engine = ProcessEngine.launch(config, log_level="warning")
     yield engine
     engine.shutdown()
 

@@ -1,8 +1,9 @@
-"""``crossinfer serve -tp 2`` as users run it: a process of its own whose second rank it
-starts itself. The openai SDK's streaming and whole completions and chat work, and SIGTERM
-stops both ranks; killing the worker is noticed while the server is idle, reported (/health
-answers 503 with the reason while it drains, the log names the rank) and the server exits
-with status 1 within seconds, leaving no process behind."""
+"""``crossinfer serve -tp 2`` as users run it: the API server starts its engine-core process,
+which starts the second rank itself. The openai SDK's streaming and whole completions and chat
+work, and SIGTERM stops every process; killing the worker (or the engine core) is noticed
+while the server is idle, reported (/health answers 503 with the reason while it drains, the
+log names the rank) and the server exits with status 1 within seconds, leaving no process
+behind."""
 
 from __future__ import annotations
 
@@ -91,19 +92,21 @@ def test_openai_sdk_streams_completions_and_chat(
         time.sleep(0.1)
     assert _kv_usage(url) == 0
     assert client.completions.create(prompt="w5 w6 w7", **args).choices[0].text == whole
-    workers = _workers(process.pid)
+    (core,) = _children(process.pid)  # the engine-core process
+    workers = _children(core)  # rank 1
     assert len(workers) == 1
     process.send_signal(signal.SIGTERM)
     # uvicorn shuts down, then re-raises the signal it caught (the conventional exit status)
     assert process.wait(30) in (0, -signal.SIGTERM)
-    assert _gone(workers)
+    assert _gone([core, *workers])
 
 
 def test_a_killed_worker_is_reported_and_the_server_exits(
     server: tuple[subprocess.Popen[str], str],
 ) -> None:
     process, url = server
-    (worker,) = _workers(process.pid)
+    (core,) = _children(process.pid)
+    (worker,) = _children(core)
     os.kill(worker, signal.SIGKILL)
     started = time.monotonic()
     # /health answers 503 with the reason while the server drains; with nothing in flight
@@ -120,7 +123,21 @@ def test_a_killed_worker_is_reported_and_the_server_exits(
     assert time.monotonic() - started < 30
     output = process.communicate()[0]
     assert f"tensor-parallel rank 1 (pid {worker}) exited with code -9" in output
-    assert _gone([worker])
+    assert _gone([core, worker])
+
+
+def test_a_killed_engine_core_is_reported_and_no_rank_is_left(
+    server: tuple[subprocess.Popen[str], str],
+) -> None:
+    process, url = server
+    (core,) = _children(process.pid)
+    (worker,) = _children(core)
+    os.kill(core, signal.SIGKILL)
+    started = time.monotonic()
+    assert process.wait(30) == 1
+    assert time.monotonic() - started < 30
+    assert "the engine-core process exited (code -9)" in process.communicate()[0]
+    assert _gone([worker])  # rank 1 sees its pipe close and exits
 
 
 def _kv_usage(url: str) -> float:
@@ -141,8 +158,9 @@ def _gone(pids: list[int], within_s: float = 10.0) -> bool:
     return True
 
 
-def _workers(parent: int) -> list[int]:
-    """The tensor-parallel ranks among ``parent``'s children (multiprocessing's spawned)."""
+def _children(parent: int) -> list[int]:
+    """``parent``'s children that multiprocessing spawned (the engine core of the server,
+    the tensor-parallel ranks of the engine core)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

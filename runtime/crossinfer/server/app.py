@@ -9,7 +9,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
 import crossinfer
-from crossinfer.engine.async_engine import AsyncLLMEngine
+from crossinfer.engine.frontend import EngineClient
 from crossinfer.server.context import ServerContext, ServerSettings, now
 from crossinfer.server.errors import APIError, install_error_handlers
 from crossinfer.server.guards import RequestGuard
@@ -52,12 +52,12 @@ def _system_router(ctx: ServerContext) -> APIRouter:
     return router
 
 
-def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
+def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     """An app serving ``engine``. The app starts the engine thread; its owner (``crossinfer
     serve``, or a test) shuts the engine down, so several apps may share one engine."""
     limits = settings.limits.resolve(engine.max_model_len)
-    vocab_size = engine.engine.vocab_size
-    max_logprobs = engine.engine.config.max_logprobs
+    vocab_size = engine.vocab_size
+    max_logprobs = engine.max_logprobs
     prompts = PromptService(engine.tokenizer, vocab_size, limits)
 
     @asynccontextmanager

@@ -13,14 +13,14 @@ from typing import Any
 
 from fastapi import Request
 
-from crossinfer.engine.async_engine import (
-    AsyncLLMEngine,
+from crossinfer.engine.errors import RequestError, RequestFailedError
+from crossinfer.engine.frontend import (
+    EngineClient,
     EngineDeadError,
     EngineOverloadedError,
     GenerateRequest,
-    OutputStream,
 )
-from crossinfer.engine.errors import RequestError, RequestFailedError
+from crossinfer.engine.output_stream import OutputStream
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.server.errors import APIError, bad_request, stream_error
 from crossinfer.server.limits import ServerLimits
@@ -49,7 +49,7 @@ class ClientDisconnected(Exception):
 class ServerContext:
     """Passed to each router factory; routes close over it (no global state)."""
 
-    engine: AsyncLLMEngine
+    engine: EngineClient
     settings: ServerSettings
     limits: ServerLimits  # resolved against the model
     metrics: ServerMetrics

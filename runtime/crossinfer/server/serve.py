@@ -9,8 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from crossinfer.server.limits import add_limit_arguments, limits_from_args
+
+if TYPE_CHECKING:
+    from crossinfer.engine.frontend import EngineClient
+    from crossinfer.engine.setup import EngineConfig
 
 # The embedded default model's public name (the GGUF file name carries the quantisation).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -46,6 +52,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted; larger ones get 413 (default 1 MiB)",
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument(
+        "--no-engine-process",
+        dest="engine_process",
+        action="store_false",
+        help="run the engine's step loop on a thread of the server's process instead of an "
+        "engine-core process of its own (one process; for debugging)",
+    )
     add_limit_arguments(parser)
 
 
@@ -55,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
     restart it)."""
     import uvicorn
 
-    from crossinfer.engine.async_engine import AsyncLLMEngine
+    from crossinfer.engine.core_client import EngineStartError
     from crossinfer.engine.launched import launched_ranks, run_rank
-    from crossinfer.engine.setup import load_model
     from crossinfer.engine_args import engine_config_from_args
+    from crossinfer.registry import resolve_device
     from crossinfer.server.app import build_app
     from crossinfer.server.context import ServerSettings
 
@@ -68,11 +81,16 @@ def run(args: argparse.Namespace) -> int:
     if launched is not None and launched[0] != 0:  # torchrun's other ranks: workers, no HTTP
         logger.info("rank %d of %d: serving rank 0's calls", *launched)
         return run_rank(config, *launched)
-    loaded = load_model(config)  # resolves --device first: a missing one fails before loading
-    engine = AsyncLLMEngine.from_config(config, loaded, max_waiting=args.max_waiting)
+    # The device first: a missing one fails in seconds, before a process or a model is started.
+    config = replace(config, device=resolve_device(config.device).name)
+    try:
+        engine, model_path = _start_engine(config, args)
+    except EngineStartError as exc:
+        logger.error("the engine did not start: %s", exc)
+        return 1
     settings = ServerSettings(
         served_model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
-        model_path=loaded.model_files.path,
+        model_path=model_path,
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         limits=limits_from_args(args),
@@ -109,3 +127,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 1 if broken else 0
+
+
+def _start_engine(config: EngineConfig, args: argparse.Namespace) -> tuple[EngineClient, str]:
+    """The engine in a process of its own (the default), or on a thread of this one; with
+    the path of the model it loaded."""
+    from crossinfer.engine.async_engine import AsyncLLMEngine
+    from crossinfer.engine.core_client import ProcessEngine
+    from crossinfer.engine.setup import load_model
+
+    if args.engine_process:
+        engine = ProcessEngine.launch(config, args.max_waiting, args.log_level)
+        return engine, engine.info.model_path
+    loaded = load_model(config)
+    return AsyncLLMEngine.from_config(config, loaded, args.max_waiting), loaded.model_files.path
