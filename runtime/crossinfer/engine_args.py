@@ -75,6 +75,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="split the model over this many ranks, one process per device (default 1)",
     )
+    parser.add_argument(
+        "--distributed-executor-backend",
+        choices=("mp", "ray"),
+        default="mp",
+        help="how the other ranks start: mp, processes of this machine (default); ray, actors "
+        "placed by Ray on its cluster (pip install 'crossinfer[ray]'). Under torchrun the "
+        "launcher starts them",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -96,5 +104,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_logprobs=args.max_logprobs,
         compile_cache_dir=args.compile_cache_dir,
         tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         seed=args.seed,
     )

@@ -16,6 +16,7 @@ from crossinfer.engine.async_engine import (
     GenerateRequest,
 )
 from crossinfer.engine.setup import EngineConfig, LoadedModel
+from tests.engine.client_checks import check_closing_aborts, check_refusals, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +34,6 @@ def engine(smollm2_loaded: LoadedModel) -> Iterator[AsyncLLMEngine]:
     engine.shutdown()
 
 
-def _wait_idle(engine: AsyncLLMEngine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.num_running == s.num_waiting == 0 and s.num_free_blocks == s.num_blocks:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the engine did not become idle: {engine.stats()}")
-
-
 def test_generate_streams_the_offline_result(
     engine: AsyncLLMEngine, smollm2_loaded: LoadedModel
 ) -> None:
@@ -54,24 +45,11 @@ def test_generate_streams_the_offline_result(
     (offline,) = llm.generate("The sky is", GREEDY)
     assert len(deltas) == 6  # one output per step, one token each
     assert "".join(deltas) == offline.outputs[0].text
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_refusals_raise_and_leave_nothing_behind(engine: AsyncLLMEngine) -> None:
-    async def add(prompt: str | list[int]) -> None:
-        await engine.add_requests([GenerateRequest("r", prompt, GREEDY)])
-
-    with pytest.raises(ValueError, match="maximum context length is 256"):
-        asyncio.run(add("word " * 300))
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        asyncio.run(add([1, 10**7]))
-    engine.max_waiting = 0
-    try:
-        with pytest.raises(ValueError, match="more than the 0 that may ever wait"):
-            asyncio.run(add("Hello"))
-    finally:
-        engine.max_waiting = 512
-    _wait_idle(engine)
+    check_refusals(engine)
 
 
 def test_a_full_waiting_queue_refuses_with_overloaded(smollm2_loaded: LoadedModel) -> None:
@@ -91,7 +69,7 @@ def test_a_full_waiting_queue_refuses_with_overloaded(smollm2_loaded: LoadedMode
 
     try:
         asyncio.run(run())
-        _wait_idle(engine)
+        wait_idle(engine)
     finally:
         engine.shutdown()
 
@@ -104,21 +82,11 @@ def test_a_batch_is_accepted_whole_or_not_at_all(engine: AsyncLLMEngine) -> None
 
     with pytest.raises(ValueError):
         asyncio.run(add())
-    _wait_idle(engine)  # "ok" was added, then removed with the batch
+    wait_idle(engine)  # "ok" was added, then removed with the batch
 
 
 def test_closing_a_stream_aborts_and_frees_blocks(engine: AsyncLLMEngine) -> None:
-    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-
-    async def read_two() -> int:
-        requests = [GenerateRequest(f"c{i}", f"Story number {i}:", long) for i in range(3)]
-        async with await engine.add_requests(requests) as stream:
-            seen = [await anext(stream) for _ in range(2)]
-        return len(seen)
-
-    assert asyncio.run(read_two()) == 2
-    _wait_idle(engine)
-    assert engine.stats().num_generation_tokens < 3 * 200
+    check_closing_aborts(engine)
 
 
 def test_cancelling_the_consumer_aborts(engine: AsyncLLMEngine) -> None:
@@ -136,11 +104,11 @@ def test_cancelling_the_consumer_aborts(engine: AsyncLLMEngine) -> None:
             await task
 
     asyncio.run(main())
-    _wait_idle(engine)
+    wait_idle(engine)
 
 
 def test_the_thread_sleeps_when_idle(engine: AsyncLLMEngine) -> None:
-    _wait_idle(engine)
+    wait_idle(engine)
     steps = engine.stats().num_steps
     time.sleep(0.3)
     assert engine.stats().num_steps == steps

@@ -20,6 +20,7 @@ from crossinfer.engine.core_client import EngineStartError, ProcessEngine
 from crossinfer.engine.frontend import GenerateRequest
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.setup import EngineConfig, LoadedModel
+from tests.engine.client_checks import check_closing_aborts, check_refusals, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -43,16 +44,6 @@ def engine() -> Iterator[ProcessEngine]:
     yield engine
     engine.shutdown()
     assert not engine.process.is_alive()
-
-
-def _wait_idle(engine: ProcessEngine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.num_running == s.num_waiting == 0 and s.num_free_blocks == s.num_blocks:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the engine did not become idle: {engine.stats()}")
 
 
 def _run(engine: ProcessEngine, params: SamplingParams) -> list[RequestOutput]:
@@ -99,40 +90,15 @@ def test_outputs_equal_the_in_process_engine(
             assert len(g.prompt_logprobs) == len(w.prompt_logprobs) == len(g.prompt_token_ids)
     if case.startswith("stop"):
         assert any(c.finish_reason == "stop" for g in got for c in g.outputs)
-    _wait_idle(engine)  # a sample stopped by its text is stopped in the core too
+    wait_idle(engine)  # a sample stopped by its text is stopped in the core too
 
 
 def test_refusals_come_back_from_the_core(engine: ProcessEngine) -> None:
-    async def add(prompt: str | list[int]) -> None:
-        params = SamplingParams(temperature=0, max_tokens=4)
-        await engine.add_requests([GenerateRequest("bad", prompt, params)])
-
-    with pytest.raises(ValueError, match="maximum context length is 256"):
-        asyncio.run(add("word " * 300))
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        asyncio.run(add([1, 10**7]))
-    engine.max_waiting = 0
-    try:
-        with pytest.raises(ValueError, match="more than the 0 that may ever wait"):
-            asyncio.run(add("Hello"))
-    finally:
-        engine.max_waiting = 512
-    _wait_idle(engine)
+    check_refusals(engine)
 
 
 def test_closing_a_stream_aborts_in_the_core(engine: ProcessEngine) -> None:
-    long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-
-    async def read_two() -> None:
-        requests = [GenerateRequest(f"c{i}", f"Story number {i}:", long) for i in range(3)]
-        async with await engine.add_requests(requests) as stream:
-            for _ in range(2):
-                await anext(stream)
-
-    before = engine.stats().num_generation_tokens
-    asyncio.run(read_two())
-    _wait_idle(engine)
-    assert engine.stats().num_generation_tokens - before < 3 * 200
+    check_closing_aborts(engine)
 
 
 def test_a_start_that_fails_says_why(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def server(model: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
                "--kv-cache-memory", "1MiB", "--log-level", "warning"]  # fmt: skip
     env = {**os.environ, "CROSSINFER_NO_PROGRESS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)  # fmt: skip
+                               text=True, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -124,6 +124,16 @@ def test_a_killed_worker_is_reported_and_the_server_exits(
     output = process.communicate()[0]
     assert f"tensor-parallel rank 1 (pid {worker}) exited with code -9" in output
     assert _gone([core, worker])
+
+
+def test_ctrl_c_stops_every_process(server: tuple[subprocess.Popen[str], str]) -> None:
+    process, _ = server
+    (core,) = _children(process.pid)
+    (worker,) = _children(core)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal sends to the whole group
+    assert process.wait(30) in (0, -signal.SIGINT)
+    assert _gone([core, worker])
+    assert "Traceback" not in process.communicate()[0]
 
 
 def test_a_killed_engine_core_is_reported_and_no_rank_is_left(

@@ -14,6 +14,7 @@ from crossinfer.backend import Backend, EngineLimits, KVCacheSpec, StaticShapes
 from crossinfer.distributed.tensor_parallel import TensorParallel, check_sizes
 from crossinfer.engine.kv_cache import KVCacheManager
 from crossinfer.engine.launched import LaunchedWorkers, for_launch, launched_ranks
+from crossinfer.engine.ray_workers import RayWorkers
 from crossinfer.engine.runner import ModelRunner
 from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
 from crossinfer.engine.workers import RunnerSpec, SpawnedWorkers, WorkerGroup, local_init_method
@@ -65,6 +66,8 @@ class EngineConfig:
     """Raise (instead of logging) when a compiled backend compiles a graph after warm-up."""
     tensor_parallel_size: int = 1
     """Ranks the model is split over, one process each (engine/workers.py)."""
+    distributed_executor_backend: str = "mp"
+    """Who starts ranks 1 .. N-1: "mp" (spawned processes) or "ray" (Ray actors)."""
     seed: int = 0
 
 
@@ -113,6 +116,8 @@ def load_model(config: EngineConfig, backend: Backend | None = None) -> LoadedMo
             raise ValueError("only rank 0 loads an engine; the other ranks run as workers")
         communicator = backend.communicator(0, size, "env://")
         workers = LaunchedWorkers(size)
+    elif config.distributed_executor_backend == "ray":
+        workers, init_method = RayWorkers.start(config)
     else:
         init_method = local_init_method()
         workers = SpawnedWorkers.start(config, init_method)
@@ -135,7 +140,8 @@ def load_shard(config: EngineConfig, backend: Backend, tp: TensorParallel) -> Lo
     dtype = _pick_dtype(config.dtype, backend.capabilities().dtypes, backend.name)
     max_model_len = _max_model_len(config, files)
     model = build_model(files.config, backend, dtype, max_model_len, tp)
-    model.load_weights(files.iter_weights())
+    # Each rank reads only its slices (safetensors), or slices each tensor as it is made (GGUF).
+    model.load_weights(files.iter_weights(select=model.shards.select), whole=False)
     model = backend.prepare_model(model)  # type: ignore[assignment]
     tokenizer = files.load_tokenizer()
     return LoadedModel(

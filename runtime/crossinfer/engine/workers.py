@@ -19,6 +19,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import traceback
 from collections.abc import Callable
@@ -206,6 +207,7 @@ def worker_main(
     from crossinfer.registry import resolve_device
 
     os.environ[NO_PROGRESS_ENV] = "1"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0, which stops us
     try:
         backend = resolve_device(config.device)
         communicator = backend.communicator(rank, size, init_method)
@@ -233,25 +235,35 @@ def serve_calls(
 ) -> None:
     """A worker's loop: run each call rank 0 sends, reply "ok" or "error", until it says
     stop (or ``receive`` returns None: rank 0 is gone)."""
-    runner: Any = None
+    calls = RankCalls(loaded)
     while True:
         call = receive()
         if call is None or call[0] == "stop":
             break
-        kind, payload = call
+        reply(*calls.run(*call))
+
+
+class RankCalls:
+    """What a worker does with each of rank 0's calls: build its runner, then mirror the
+    steps and the warm-up. Replies ("ok", None) or ("error", message)."""
+
+    def __init__(self, loaded: Any) -> None:
+        self.loaded = loaded
+        self.runner: Any = None
+
+    def run(self, kind: str, payload: Any) -> tuple[str, Any]:
         try:
             if kind == "runner":
-                runner = _build_runner(loaded, payload)
+                self.runner = _build_runner(self.loaded, payload)
             elif kind == "execute":
-                runner.execute(payload)
+                self.runner.execute(payload)
             elif kind == "warm_up":
-                runner.warm_up(progress=False)
+                self.runner.warm_up(progress=False)
             else:
                 raise ValueError(f"unknown call {kind!r}")
         except Exception as exc:
-            reply("error", f"{type(exc).__name__}: {exc}")
-        else:
-            reply("ok", None)
+            return ("error", f"{type(exc).__name__}: {exc}")
+        return ("ok", None)
 
 
 def _build_runner(loaded: Any, spec: RunnerSpec) -> Any:

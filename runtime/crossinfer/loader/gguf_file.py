@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from gguf.quants import dequantize
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from crossinfer.loader.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from crossinfer.loader.model_files import Selector
 from crossinfer.loader.gguf_config import GGUFMetadata, gguf_config
 from crossinfer.loader.tokenizer import load_gguf_tokenizer
 
@@ -81,10 +85,18 @@ class GGUFSource:
         """How many tensors iter_tensors yields."""
         return len(self.tensors)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield each tensor dequantised to fp32, in HF layout."""
+    def iter_tensors(self, select: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield each tensor dequantised to fp32, in HF layout; with ``select``, its selected
+        part (sliced after dequantising: GGUF blocks run along whole rows)."""
         for planned in self.tensors:
-            yield planned.hf_name, load_planned_tensor(planned)
+            tensor = load_planned_tensor(planned)
+            if select is None or tensor.dim() == 0:
+                yield planned.hf_name, tensor
+                continue
+            part = select(planned.hf_name, tensor.shape)
+            if part is not None:
+                dim, start, length = part
+                yield planned.hf_name, tensor.narrow(dim, start, length)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer transformers builds from the file's metadata, with its chat template."""

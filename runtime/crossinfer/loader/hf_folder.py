@@ -7,12 +7,16 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from crossinfer.loader.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from crossinfer.loader.model_files import Selector
 from crossinfer.loader.tokenizer import load_folder_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -40,12 +44,26 @@ class HFFolderSource:
         """How many tensors iter_tensors yields, over all shards."""
         return sum(len(shard.names) for shard in self.shards)
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield each tensor with its stored name and dtype."""
+    def iter_tensors(self, select: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield each tensor with its stored name and dtype; with ``select``, read only the
+        selected part of each (``get_slice``: the other bytes are never read)."""
         for shard in self.shards:
             with _open_safetensors(shard.path) as reader:
                 for name in shard.names:
-                    yield name, reader.get_tensor(name)
+                    if select is None:
+                        yield name, reader.get_tensor(name)
+                        continue
+                    lazy = reader.get_slice(name)
+                    shape = lazy.get_shape()
+                    part = select(name, shape)
+                    if part is None:
+                        continue
+                    if not shape:  # a 0-d tensor is whole
+                        yield name, reader.get_tensor(name)
+                        continue
+                    dim, start, length = part
+                    index = (slice(None),) * dim + (slice(start, start + length),)
+                    yield name, lazy[index]
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer saved in the folder."""

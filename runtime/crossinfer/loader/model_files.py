@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,6 +20,10 @@ from crossinfer.loader.hf_folder import open_hf_folder
 # Set to "1" to silence the weight-loading progress bar (tests, scripts, log files).
 NO_PROGRESS_ENV = "CROSSINFER_NO_PROGRESS"
 
+# Which part of a tensor to read, given its name and stored shape: (dim, start, length), or
+# None to skip it (a tensor-parallel rank's slice; models/shards.py).
+Selector = Callable[[str, Sequence[int]], tuple[int, int, int] | None]
+
 
 class WeightSource(Protocol):
     """One opened checkpoint format: its config, and its tensors read lazily, one at a time."""
@@ -30,8 +34,9 @@ class WeightSource(Protocol):
     @property
     def num_tensors(self) -> int: ...
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hf_parameter_name, float tensor)`` pairs, reading each when it is reached."""
+    def iter_tensors(self, select: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_parameter_name, float tensor)`` pairs, reading each when it is reached;
+        with ``select``, only the selected part of each (skipped ones are not yielded)."""
         ...
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -52,16 +57,19 @@ class ModelFiles:
     num_tensors: int  # how many tensors iter_weights yields
     source: WeightSource = field(repr=False, compare=False)  # the format-specific reader
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, select: Selector | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` with HF parameter names and float tensors.
 
+        With ``select``, each tensor's selected part only: safetensors read just those bytes
+        (so a tensor-parallel rank holds about 1/N of the model at its peak); GGUF tensors are
+        sliced after dequantising, one at a time.
         Quantised GGUF tensors come out as fp32; safetensors keep their stored dtype.
         ``lm_head.weight`` appears only when the checkpoint stores it (not when tied).
         A progress bar goes to stderr unless ``CROSSINFER_NO_PROGRESS=1``.
         """
         disable = os.environ.get(NO_PROGRESS_ENV) == "1"
         yield from tqdm(
-            self.source.iter_tensors(),
+            self.source.iter_tensors(select),
             desc="Loading weights",
             total=self.num_tensors,
             unit="tensor",

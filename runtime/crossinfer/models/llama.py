@@ -26,7 +26,7 @@ from crossinfer.layers.activation import SiluAndMul
 from crossinfer.layers.norm import RMSNorm
 from crossinfer.layers.parallel import inner, lm_head, row_linear, vocab_embedding
 from crossinfer.layers.rotary import RotaryEmbedding, Rotate
-from crossinfer.models.shards import VOCAB_TENSORS, RankShards
+from crossinfer.models.shards import VOCAB_TENSORS, RankShards, narrow
 
 
 @dataclass(frozen=True)
@@ -235,8 +235,11 @@ class LlamaForCausalLM(nn.Module):
         """[num_rows, hidden] -> [num_rows, vocab] in fp32."""
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (HF names) into the parameters; every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], whole: bool = True) -> None:
+        """Copy checkpoint tensors (HF names) into the parameters; every parameter must be set.
+        ``whole``: the tensors are the checkpoint's whole tensors, and this rank takes its part
+        of each; False: they are this rank's parts already, as a loader reads them with
+        ``select=self.shards.select`` (without reading the rest)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -244,10 +247,11 @@ class LlamaForCausalLM(nn.Module):
                 name.startswith("lm_head") and self.args.tie_word_embeddings
             ):
                 continue
-            part = self.shards.part(name, tensor)
-            if part is None:  # held by another rank
-                continue
-            tensor = part
+            if whole:
+                part = self.shards.select(name, tensor.shape)
+                if part is None:  # held by another rank
+                    continue
+                tensor = narrow(tensor, part)
             target, shard = self._map_name(name)
             target = target if target in params else _inner_name(target)
             if target not in params:

@@ -9,6 +9,7 @@ the whole tensor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from crossinfer.distributed.tensor_parallel import TensorParallel
 
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")  # split by vocabulary rows
+Part = tuple[int, int, int]  # (dim, start, length) of a checkpoint tensor
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,9 @@ class RankShards:
             vocab=tp.vocab_shard(vocab_size),
         )
 
-    def part(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
-        """This rank's part of checkpoint tensor ``name`` (a view), or None when the rank
-        holds none of it."""
+    def select(self, name: str, shape: Sequence[int]) -> Part | None:
+        """Which part of checkpoint tensor ``name`` (of ``shape``) this rank holds, as
+        (dim, start, length), or None when it holds none of it. Loaders read just that."""
         rows = {
             "self_attn.q_proj.": self.q,
             "self_attn.k_proj.": self.kv,
@@ -60,16 +62,25 @@ class RankShards:
         }
         for marker, (start, length) in rows.items():
             if marker in name:
-                return tensor.narrow(0, start, length)
+                return (0, start, length)
         for marker, (start, length) in (
             ("self_attn.o_proj.", self.q),
             ("mlp.down_proj.", self.mlp),
         ):
             if marker in name:
                 if name.endswith(".bias"):
-                    return tensor if self.rank == 0 else None
-                return tensor.narrow(1, start, length)
+                    return (0, 0, shape[0]) if self.rank == 0 else None
+                return (1, start, length)
         if name.endswith(VOCAB_TENSORS):
             start, length = self.vocab
-            return tensor.narrow(0, start, max(0, min(length, tensor.shape[0] - start)))
+            return (0, start, max(0, min(length, shape[0] - start)))
+        return (0, 0, shape[0]) if shape else (0, 0, 0)
+
+
+def narrow(tensor: torch.Tensor, part: Part) -> torch.Tensor:
+    """``tensor``'s (dim, start, length) part, a view; a 0-d tensor is whole. For whole
+    checkpoint tensors (``LlamaModel.load_weights(..., whole=True)``)."""
+    if tensor.dim() == 0:
         return tensor
+    dim, start, length = part
+    return tensor.narrow(dim, start, length)

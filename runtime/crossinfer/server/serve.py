@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     engine.start()  # now, not at the first request: it watches the tensor-parallel ranks
     try:
         server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has drained; it re-raises the signal after
+        pass
     finally:
         engine.shutdown()
     return 1 if broken else 0
