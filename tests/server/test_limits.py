@@ -175,7 +175,8 @@ def test_serve_exits_non_zero_when_the_engine_breaks(
         port = s.getsockname()[1]
     args: argparse.Namespace = build_parser().parse_args(
         ["serve", "--device", "cpu", "--port", str(port), "--max-model-len", "256",
-         "--kv-cache-memory", "16MiB", "--log-level", "warning"]
+         "--kv-cache-memory", "16MiB", "--log-level", "warning",
+         "--no-engine-process"]  # the faults planted above live in this process
     )  # fmt: skip
     answers: list[httpx.Response] = []
 

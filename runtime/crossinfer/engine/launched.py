@@ -8,8 +8,9 @@ gloo group for the calls: rank 0 broadcasts each call (the pickled scheduler out
 spawned workers get over their pipes) and gathers the replies. A device group (nccl, xla)
 carries the model's collectives; the gloo one carries only objects on the host.
 
-What a launcher's rank cannot tell rank 0: that it died while nothing ran (the next call fails
-instead, when gloo finds the peer gone).
+While nothing runs, rank 0 pings the ranks every second (``dead``): a rank that died closes
+its gloo connections, so the ping fails at once and the engine stops with the reason. (A
+machine that vanishes without closing them is noticed at gloo's timeout instead.)
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class LaunchedWorkers(WorkerGroup):
         check_replies(self._gather(("ok", None)), local_failed)
 
     def dead(self) -> str | None:
+        try:
+            self.send("ping", None)
+            self.collect()
+        except RuntimeError as exc:  # gloo: a peer closed its connection
+            return (
+                f"a tensor-parallel rank started by the launcher is gone ({exc}); the engine "
+                "cannot go on"
+            )
         return None
 
     def close(self) -> None:

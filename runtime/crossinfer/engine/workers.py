@@ -245,7 +245,7 @@ def serve_calls(
 
 class RankCalls:
     """What a worker does with each of rank 0's calls: build its runner, then mirror the
-    steps and the warm-up. Replies ("ok", None) or ("error", message)."""
+    steps and the warm-up; answer pings. Replies ("ok", None) or ("error", message)."""
 
     def __init__(self, loaded: Any) -> None:
         self.loaded = loaded
@@ -259,7 +259,7 @@ class RankCalls:
                 self.runner.execute(payload)
             elif kind == "warm_up":
                 self.runner.warm_up(progress=False)
-            else:
+            elif kind != "ping":  # a ping asks only for the reply: the rank is alive
                 raise ValueError(f"unknown call {kind!r}")
         except Exception as exc:
             return ("error", f"{type(exc).__name__}: {exc}")
