@@ -20,6 +20,7 @@ from crossinfer.engine.core_client import EngineStartError, ProcessEngine
 from crossinfer.engine.frontend import GenerateRequest
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.setup import EngineConfig, LoadedModel
+from crossinfer_conformance.checks.tiny_model import build_tiny_model
 from tests.engine.client_checks import check_closing_aborts, check_refusals, wait_idle
 
 pytestmark = pytest.mark.slow
@@ -113,8 +114,8 @@ import sys, time
 from crossinfer.engine.core_client import ProcessEngine
 from crossinfer.engine.setup import EngineConfig
 if __name__ == "__main__":
-    engine = ProcessEngine.launch(EngineConfig(device="cpu", max_model_len=128,
-                                               kv_cache_memory=8 << 20), log_level="warning")
+    engine = ProcessEngine.launch(EngineConfig(device="cpu", model=sys.argv[1], max_model_len=64,
+                                               kv_cache_memory=1 << 20), log_level="warning")
     print(engine.process.pid, flush=True)
     time.sleep(600)
 """
@@ -123,7 +124,9 @@ if __name__ == "__main__":
 def test_the_core_exits_when_the_api_server_is_killed(tmp_path: Path) -> None:
     script = tmp_path / "server.py"
     script.write_text(SCRIPT)
-    server = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    model = build_tiny_model(tmp_path / "tiny", head_size=16, seed=1)
+    server = subprocess.Popen([sys.executable, str(script), str(model)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
     try:
         assert server.stdout is not None
         core = int(server.stdout.readline())
