@@ -146,13 +146,14 @@ class AsyncLLMEngine(EngineClient):
                         break
                     commands, self._commands = self._commands, []
                 self._apply(commands)
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    self._hub.count_tokens(outputs)
-                    self._stats = self._snapshot()  # before a woken consumer reads it
-                    for request_id in self._hub.deliver(outputs):
-                        self.engine.abort_request(request_id)  # nobody listens any more
-                self._stats = self._snapshot()
+                if not self.engine.has_unfinished_requests():
+                    self._stats = self._snapshot()
+                    continue
+                outputs = self.engine.step()
+                self._hub.count_tokens(outputs)
+                self._stats = self._snapshot()  # before a woken consumer reads it
+                for request_id in self._hub.deliver(outputs):
+                    self.engine.abort_request(request_id)  # nobody listens any more
             error: BaseException = EngineDeadError("the engine was shut down")
         except BaseException as exc:  # shared state broke: every waiter must hear of it
             logger.critical("the engine stopped", exc_info=exc)

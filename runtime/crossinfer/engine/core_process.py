@@ -35,6 +35,7 @@ from crossinfer.engine.frontend import (
     EngineStats,
     GenerateRequest,
     admit,
+    public_reason,
     scheduler_stats,
 )
 from crossinfer.engine.setup import EngineConfig, build_engine_parts, load_model
@@ -73,14 +74,6 @@ def put(socket: zmq.Socket[Any], message: tuple[Any, ...]) -> bool:
 
 class PeerGone(RuntimeError):
     """The other process no longer reads this socket."""
-
-
-def public_reason(error: BaseException) -> str:
-    """The line the API server shows for a core that stopped on ``error`` (our own messages
-    only, never exception text from elsewhere)."""
-    if isinstance(error, EngineFatalError):
-        return str(error)
-    return f"the engine failed ({type(error).__name__}); see the server log"
 
 
 def run_engine_core(

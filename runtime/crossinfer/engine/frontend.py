@@ -60,6 +60,14 @@ class EngineStats:
     num_steps: int
 
 
+def public_reason(error: BaseException) -> str:
+    """Why an engine stopped on ``error``, as anyone may read it (/health needs no key): our
+    own messages only, never exception text from elsewhere."""
+    if isinstance(error, EngineDeadError | EngineFatalError):
+        return str(error)
+    return f"the engine failed ({type(error).__name__}); see the server log"
+
+
 def scheduler_stats(scheduler: Scheduler, num_steps: int) -> EngineStats:
     """The scheduler's and the cache's part of the stats (the token counters are zero: the
     client that sees the outputs counts them)."""
@@ -268,12 +276,8 @@ class EngineClient(ABC):
     @property
     def stop_reason(self) -> str | None:
         """Why the engine stopped (a line for /health and the log), or None while it runs."""
-        # Shown to anyone (/health needs no key): only our own messages, never exception text.
-        error = self._error
-        if isinstance(error, EngineDeadError | EngineFatalError):
-            return str(error)
-        if error is not None:
-            return f"the engine failed ({type(error).__name__}); see the server log"
+        if self._error is not None:
+            return public_reason(self._error)
         return "the engine was shut down" if self._stopping else None
 
     # -- requests ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class _RankActor:
     def __init__(self, config: EngineConfig, rank: int, size: int, init_method: str) -> None:
         self.args = (config, rank, size, init_method)
         self.calls: RankCalls | None = None
+        self.communicator: Any = None
 
     def load(self) -> tuple[str, Any]:
         from crossinfer.distributed.tensor_parallel import TensorParallel
@@ -72,7 +73,7 @@ class _RankActor:
         return os.getpid()
 
     def stop(self) -> None:
-        if self.calls is not None:
+        if self.communicator is not None:
             self.communicator.close()
 
 
@@ -108,7 +109,6 @@ class RayWorkers(WorkerGroup):
                 num_cpus=1 if resource == "CPU" else 0,
                 num_gpus=1 if resource == "GPU" else 0,
                 scheduling_strategy=strategy(group, placement_group_bundle_index=rank - 1),
-                name=None,
             ).remote(config, rank, size, init_method)
             for rank in range(1, size)
         ]
