@@ -95,9 +95,6 @@ class OutputProcessor:
         """Forget a request (aborted or refused); later outputs for it are ignored."""
         self._groups.pop(request_id, None)
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._groups
-
     def process(self, core_outputs: Sequence[CoreOutput]) -> Processed:
         processed = Processed()
         for core in core_outputs:
