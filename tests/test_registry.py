@@ -27,6 +27,7 @@ from stevedore.extension import Extension
 
 from crossinfer import cli
 from crossinfer.backend import Probe
+from crossinfer.backends_table import COLUMNS
 from crossinfer.registry import (
     AUTO_ORDER,
     NAMESPACE,
@@ -139,7 +140,7 @@ def test_a_name_registered_twice_is_refused() -> None:
 def test_other_major_version_is_refused_without_constructing_it() -> None:
     old = describe_extension(_extension("old", _backend_class("old", api=(0, 9))))
     assert (old.api, old.available, old.backend) == ("0.9", False, None)
-    assert old.reason.startswith("api 0.9 is not compatible with this crossinfer (contract 1.2)")
+    assert old.reason.startswith("api 0.9 is not compatible with this crossinfer (contract 1.3)")
     assert "upgrade the plugin" in old.reason
 
 
@@ -220,6 +221,7 @@ def test_backends_json_has_one_object_per_backend(
         "api": "1.0",
         "available": True,
         "collectives": "gloo",
+        "quantizations": ["int8"],
         "reason": "",
         "devices": ["cpu:0"],
     }
@@ -337,6 +339,7 @@ def test_out_of_tree_example_is_listed_available(child_report: dict[str, Any]) -
         "api": "1.1",
         "available": True,
         "collectives": "gloo",
+        "quantizations": ["int8"],  # inherited from CpuBackend
         "reason": "",
         "devices": ["example-device-0"],
     }
@@ -346,7 +349,7 @@ def test_cpu_is_still_listed_available(child_report: dict[str, Any]) -> None:
     cpu = _row(child_report, "cpu")
     assert (cpu["package"], cpu["api"], cpu["available"], cpu["reason"]) == (
         "crossinfer",
-        "1.2",
+        "1.3",
         True,
         "",
     )
@@ -375,7 +378,7 @@ def test_future_api_names_both_versions(child_report: dict[str, Any]) -> None:
         False,
     )
     assert future["reason"].startswith(
-        "api 2.0 is not compatible with this crossinfer (contract 1.2); upgrade crossinfer"
+        "api 2.0 is not compatible with this crossinfer (contract 1.3); upgrade crossinfer"
     )
 
 
@@ -401,7 +404,8 @@ def test_backends_command_prints_an_aligned_table(child: _Child) -> None:
     lines = child.run("-m", "crossinfer.cli", "backends").splitlines()
     header = lines[0]
     assert header.split() == [
-        "name", "package", "version", "api", "available", "collectives", "reason", "devices"
+        "name", "package", "version", "api", "available", "collectives", "quantizations",
+        "reason", "devices",
     ]  # fmt: skip
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == [
@@ -414,19 +418,22 @@ def test_backends_command_prints_an_aligned_table(child: _Child) -> None:
         "1.1",
         "yes",
         "gloo",
+        "int8",
         "-",
         "example-device-0",
     ]
-    assert rows["broken"].split()[1:7] == [
+    assert rows["broken"].split()[1:8] == [
         "crossinfer-broken-backend",
         "0.0.1",
         "-",
         "no",
         "-",
+        "-",
         "failed",
     ]
     assert rows["cuda"].split()[5] == "nccl" and rows["neuron"].split()[5] == "xla"
-    for column in ("package", "version", "api", "available", "collectives", "reason", "devices"):
+    assert rows["cpu"].split()[6] == "int8" and rows["cuda"].split()[6] == "-"
+    for column in COLUMNS[1:]:
         start = header.index(" " + column) + 1
         # Every cell of the column starts where its heading does, after a gap of spaces.
         assert all(line[start - 2 : start] == "  " != line[start] for line in lines), column

@@ -28,6 +28,10 @@ The model of the world:
   (an XLA device cuts its graph there), ``set_compile_cache_dir`` names where compiled graphs
   persist, and ``compiled_graph_count`` lets the engine check that nothing recompiles after
   its warm-up.
+* Quantisation (since 1.3): ``Capabilities.quantizations`` names the methods a backend's
+  ``quantize_model`` applies (``"int8"``: int8 weights per output channel, int8 activations
+  per token). The engine asks for one only when the user does, and refuses, before loading,
+  a method the backend does not list.
 
 Optional members have defaults that never raise. The integer ``CONTRACT_VERSION`` major is
 checked at load: a backend built for another major version is refused and both are named.
@@ -41,7 +45,7 @@ from typing import Literal
 
 import torch
 
-CONTRACT_VERSION: tuple[int, int] = (1, 2)
+CONTRACT_VERSION: tuple[int, int] = (1, 3)
 """(major, minor). A major bump breaks backends; a minor bump only adds optional members."""
 
 EMULATE_ENV = "CROSSINFER_EMULATE"
@@ -96,6 +100,8 @@ class Capabilities:
     native_attention: bool = True
     """False when ``attention`` runs a reference implementation in place of the backend's own
     kernel (an emulated compiled device whose kernel runs only on the hardware). Since 1.2."""
+    quantizations: tuple[str, ...] = ()
+    """Methods ``quantize_model`` applies, e.g. ``("int8",)``; empty: none. Since 1.3."""
 
 
 @dataclass(frozen=True)
@@ -356,6 +362,13 @@ class Backend(abc.ABC):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Optionally transform a loaded model (compile, capture graphs). Default: unchanged."""
+        return model
+
+    def quantize_model(self, model: torch.nn.Module, method: str) -> torch.nn.Module:
+        """Swap the linear layers of a loaded model (before ``prepare_model``) for ones that
+        compute with ``method``, one of ``capabilities().quantizations``; the engine calls it
+        with no other. Tensor-parallel wrappers hold plain ``inner`` linears, swapped like any.
+        Default (a backend that lists no quantisation): unchanged. Since 1.3."""
         return model
 
     # -- compiled devices (since 1.2) -------------------------------------------------------

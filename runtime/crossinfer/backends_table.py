@@ -8,7 +8,8 @@ from typing import Any
 from crossinfer.registry import BackendInfo
 
 COLUMNS: tuple[str, ...] = (
-    "name", "package", "version", "api", "available", "collectives", "reason", "devices"
+    "name", "package", "version", "api", "available", "collectives", "quantizations", "reason",
+    "devices",
 )  # fmt: skip
 """Column order of the table and key order of each JSON object."""
 
@@ -22,6 +23,7 @@ def info_to_dict(info: BackendInfo) -> dict[str, Any]:
         "api": info.api,
         "available": info.available,
         "collectives": _collectives(info),
+        "quantizations": list(_capability(info, "quantizations", ())),
         "reason": info.reason,
         "devices": list(info.devices),
     }
@@ -48,15 +50,21 @@ def _cells(info: BackendInfo) -> list[str]:
     values = info_to_dict(info)
     values["available"] = "yes" if info.available else "no"
     values["devices"] = ", ".join(info.devices)
+    values["quantizations"] = ",".join(values["quantizations"])
     return [str(values[column]) or "-" for column in COLUMNS]
 
 
 def _collectives(info: BackendInfo) -> str:
     """The torch.distributed backend its ranks talk over (what ``--tensor-parallel-size``
     uses), "" when it has none or could not be asked."""
+    return _capability(info, "distributed_backend", None) or ""
+
+
+def _capability(info: BackendInfo, name: str, missing: Any) -> Any:
+    """One field of the backend's capabilities; ``missing`` when it could not be asked."""
     if info.backend is None:
-        return ""
+        return missing
     try:
-        return info.backend.capabilities().distributed_backend or ""
+        return getattr(info.backend.capabilities(), name, missing)
     except Exception:  # a row is still shown for a backend whose capabilities fail
-        return ""
+        return missing

@@ -112,10 +112,23 @@ def _add_bench(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     bench_args.add_serve_bench_arguments(serve)
     serve.set_defaults(run=_run_bench_serve)
+    quality = kinds.add_parser(
+        "quality", help="a quantisation's greedy agreement and logprob error against the model"
+    )
+    add_device_argument(quality)
+    add_engine_arguments(quality)
+    bench_args.add_quality_arguments(quality)
+    quality.set_defaults(run=_run_bench_quality)
 
 
 def _run_bench_throughput(args: argparse.Namespace) -> int:
     from crossinfer.commands.bench_throughput import run
+
+    return run(args)
+
+
+def _run_bench_quality(args: argparse.Namespace) -> int:
+    from crossinfer.commands.bench_quality import run
 
     return run(args)
 

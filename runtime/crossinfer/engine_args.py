@@ -83,6 +83,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "placed by Ray on its cluster (pip install 'crossinfer[ray]'). Under torchrun the "
         "launcher starts them",
     )
+    parser.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        help="quantise the weights at load: int8 (int8 weights per output channel, int8 "
+        "activations per token; the cpu backend). A backend lists what it supports in "
+        "`crossinfer backends`",
+    )
+    parser.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default="auto",
+        help="auto: read the weights of --model; dummy: random weights from a config.json "
+        "folder or a built-in shape (llama-3.1-8b, llama-3.2-1b, qwen2.5-7b, smollm2-135m), "
+        "for benchmarks of models not on disk",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -105,5 +121,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         compile_cache_dir=args.compile_cache_dir,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
+        quantization=args.quantization,
+        load_format=args.load_format,
         seed=args.seed,
     )

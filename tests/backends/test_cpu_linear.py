@@ -1,5 +1,5 @@
-"""The CPU backend's linear layer: the transposed and MKL-packed GEMMs give exactly what the
-plain GEMM gives, for every row count (packed chunks, padded remainders, short remainders)."""
+"""The CPU backend's linear layer: oneDNN's GEMM on the reordered weight gives what the plain
+GEMM gives, for every row count, with and without bias, in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from crossinfer_cpu.linear import PACKED_MAX_ROWS, PACKED_ROWS, CpuLinear
+from crossinfer_cpu.linear import CpuLinear, onednn_packing_available
 from crossinfer_cpu.prepare import prepare_layers
 
-ROW_COUNTS = [1, 7, PACKED_ROWS // 2 - 1, PACKED_ROWS // 2, PACKED_ROWS - 1, PACKED_ROWS]
-ROW_COUNTS += [PACKED_ROWS + 3, PACKED_ROWS + PACKED_ROWS // 2, 100, PACKED_MAX_ROWS]
-ROW_COUNTS += [PACKED_MAX_ROWS + 1, 300]
+ROW_COUNTS = [1, 7, 16, 31, 32, 35, 100, 128, 129, 300]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -28,17 +26,21 @@ def test_every_row_count_matches_the_plain_gemm(rows: int, bias: bool) -> None:
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_packing_is_used_for_fp32_with_mkl_and_not_for_bf16() -> None:
-    fp32 = CpuLinear(nn.Linear(64, 64))
-    assert (fp32.packed is not None) == torch.backends.mkl.is_available()
-    assert CpuLinear(nn.Linear(64, 64).to(torch.bfloat16)).packed is None
+def test_onednn_packing_is_used_where_available_and_the_transposed_weight_otherwise() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        layer = CpuLinear(nn.Linear(64, 64).to(dtype))
+        packed = onednn_packing_available(dtype)
+        assert (layer.packed is not None) == packed
+        assert (layer.weight_t is None) == packed
+    assert onednn_packing_available(torch.float32) == torch.backends.mkldnn.is_available()
 
 
-def test_bf16_layer_matches_f_linear() -> None:
-    plain = nn.Linear(64, 48).to(torch.bfloat16)
-    x = torch.randn(PACKED_ROWS, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_layers_match_f_linear(dtype: torch.dtype) -> None:
+    plain = nn.Linear(64, 48).to(dtype)
+    x = torch.randn(32, 64, dtype=dtype)
     got = CpuLinear(plain)(x)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     assert torch.allclose(
         got.float(), nn.functional.linear(x, plain.weight, plain.bias).float(), atol=1e-2, rtol=1e-2
     )

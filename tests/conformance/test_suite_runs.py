@@ -40,7 +40,7 @@ def test_cpu_passes_every_level(suite_runs: SuiteRuns, backend: str) -> None:
     assert (report["backend"], report["package"], report["api_version"]) == (
         "cpu",
         "crossinfer",
-        "1.2",
+        "1.3",
     )
     assert (report["emulated"], report["emulate_requested"], report["seed"]) == (False, False, 0)
     assert report["device"] and report["levels"] == "L0-L5"

@@ -83,9 +83,14 @@ def test_openai_sdk_streams_completions_and_chat(
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
     assert text == chat.choices[0].message.content and text
     # A client that goes away mid-stream: its blocks come back, and both ranks go on in step.
-    long = client.completions.create(prompt="w5 w6 w7", stream=True, **{**args, "max_tokens": 400})
+    long = client.completions.create(
+        prompt="w5 w6 w7",
+        stream=True,
+        extra_body={"ignore_eos": True},
+        **{**args, "max_tokens": 480},
+    )
     next(iter(long))
-    assert _kv_usage(url) > 0  # still generating (400 tokens take seconds here)
+    assert _kv_usage(url) > 0  # still generating (480 tokens take seconds here)
     long.close()
     deadline = time.monotonic() + 10
     while _kv_usage(url) > 0 and time.monotonic() < deadline:

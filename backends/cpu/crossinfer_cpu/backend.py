@@ -18,7 +18,7 @@ from crossinfer.backend import (
 )
 from crossinfer.distributed.communicator import TorchDistributedCommunicator
 from crossinfer_cpu import attention
-from crossinfer_cpu.prepare import prepare_layers
+from crossinfer_cpu.prepare import prepare_layers, quantize_layers
 
 
 def _read_meminfo() -> dict[str, int]:
@@ -66,6 +66,7 @@ class CpuBackend(Backend):
             distributed_backend="gloo",
             # Host memory is shared with everything else on the machine.
             default_kv_cache_bytes=4 << 30,
+            quantizations=("int8",),
         )
 
     def device(self) -> torch.device:
@@ -115,6 +116,13 @@ class CpuBackend(Backend):
         the machine's physical cores, not the affinity mask)."""
         torch.set_num_threads(_usable_cores())
         return prepare_layers(model)
+
+    def quantize_model(self, model: torch.nn.Module, method: str) -> torch.nn.Module:
+        """int8: every linear layer becomes an ``Int8Linear`` (int8.py); ``prepare_model``
+        then leaves them as they are."""
+        if method not in self.capabilities().quantizations:
+            raise ValueError(f"quantization {method!r}: the cpu backend supports only 'int8'")
+        return quantize_layers(model)
 
     def communicator(self, rank: int, world_size: int, init_method: str) -> Communicator:
         return TorchDistributedCommunicator(rank, world_size, init_method, pg_backend="gloo")

@@ -3,7 +3,9 @@ compiler, cached, and called through ctypes.
 
 * ``paged_decode.c``: decode attention read in place from the paged cache;
 * ``pointwise.c``: RMSNorm (with the residual add), rotary embedding, SiLU-and-multiply and
-  the KV-cache write, each one pass over memory.
+  the KV-cache write, each one pass over memory;
+* ``quantize.c``: the two ends of an int8 linear layer (activation rows to int8, int32 sums
+  back to floats).
 
 Plain C, not a torch C++ extension: no torch headers to compile against, so it builds in
 about a second. It is linked against the OpenMP runtime torch already loaded (same soname),
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 NATIVE_ENV = "CROSSINFER_CPU_NATIVE"
-_SOURCES = ("paged_decode.c", "pointwise.c")
+_SOURCES = ("paged_decode.c", "pointwise.c", "quantize.c")
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -47,6 +49,8 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "rotary": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _INT], None),
     "silu_and_mul": ([_PTR, _PTR, _I64, _I64, _I64, _INT], None),
     "write_kv": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _INT], None),
+    "quantize_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT], None),
+    "dequantize_sums": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _INT], None),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
@@ -12,8 +13,37 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--single-prompts", type=int, default=4, help="prompts for the one-at-a-time baseline"
     )
-    parser.add_argument("--no-baselines", action="store_true", help="measure crossinfer only")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the transformers baselines"
+    )
+    parser.add_argument(
+        "--baseline",
+        choices=("vllm",),
+        default=None,
+        help="also run vLLM's offline engine on the same prompts (in --baseline-python)",
+    )
+    parser.add_argument(
+        "--baseline-python",
+        default=sys.executable,
+        help="the interpreter vLLM is installed in (default: this one)",
+    )
+    parser.add_argument(
+        "--rounds", type=_positive, default=1, help="timed runs of each engine, interleaved"
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
+
+
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=_positive, default=50, help="at most 50")
+    parser.add_argument("--output-len", type=_positive, default=64)
+    parser.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,20 +4,29 @@ measured in the same run on the same prompts and weights.
 Workload: ``num_prompts`` prompts of exactly ``input_len`` random token ids (seeded), greedy,
 ``output_len`` tokens each with EOS ignored. Baselines: transformers' ``generate`` on the same
 weights as one static batch (all prompts have the same length, so no padding) and one request
-at a time (on the first ``single_prompts`` prompts). The compute floor is the workload's
-matrix-multiply FLOPs divided by this machine's measured matmul rate in the model's dtype.
+at a time (on the first ``single_prompts`` prompts); with ``--baseline vllm``, vLLM's offline
+engine in a subprocess (vllm_baseline.py) on the same token ids, weights and settings, its runs
+interleaved with crossinfer's over ``--rounds`` rounds and compared by their medians. The
+compute floor is the workload's matrix-multiply FLOPs divided by this machine's measured
+matmul rate in the model's dtype (the faster of torch's GEMM and oneDNN's on a square shape).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from crossinfer.engine.setup import EngineConfig, LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from crossinfer.commands.vllm_baseline import VllmBaseline
 
 
 @dataclass(frozen=True)
@@ -36,14 +45,36 @@ def run(args: argparse.Namespace) -> int:
     from crossinfer.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args)
+    baseline = None
+    if args.baseline == "vllm":  # before loading anything: a missing vLLM fails in seconds
+        from crossinfer.commands.vllm_baseline import BaselineUnavailable, vllm_version
+
+        try:
+            vllm_version(args.baseline_python)
+        except BaselineUnavailable as exc:
+            print(f"--baseline vllm: {exc}", file=sys.stderr)
+            return 2
     loaded = load_model(config)
     prompts = _prompts(loaded, args.num_prompts, args.input_len, args.seed)
-    figures = [_bench_engine(loaded, config, prompts, args.output_len)]
+    engine = _EngineRun(loaded, config, prompts, args.output_len)
+    if args.baseline == "vllm":
+        baseline = _start_vllm(args, loaded, config, prompts)
+    figures: list[Figure] = []
+    try:
+        for i in range(args.rounds):
+            figures.append(engine.run(f"crossinfer round {i + 1}"))
+            if baseline is not None:
+                seconds, produced = baseline.run()
+                name = f"vLLM {baseline.version} round {i + 1}"
+                figures.append(Figure(name, len(prompts), produced, seconds))
+    finally:
+        if baseline is not None:
+            baseline.close()
     if not args.no_baselines:
         reference = _transformers_model(loaded)
         figures.append(_bench_hf_static(reference, prompts, args.output_len))
         figures.append(_bench_hf_single(reference, prompts[: args.single_prompts], args.output_len))
-    rate = _matmul_rate(loaded.dtype)
+    rate = _matmul_rate(torch.int8 if config.quantization == "int8" else loaded.dtype)
     floor = _floor_tokens_per_s(loaded, args.num_prompts, args.input_len, args.output_len, rate)
     report = _report(loaded, args, figures, rate, floor)
     print(report)
@@ -68,20 +99,44 @@ def _prompts(loaded: LoadedModel, num: int, length: int, seed: int) -> list[list
     return [[t if t not in special else (t + 100) % vocab for t in row] for row in ids.tolist()]
 
 
-def _bench_engine(
-    loaded: LoadedModel, config: EngineConfig, prompts: list[list[int]], output_len: int
-) -> Figure:
-    from crossinfer.llm import LLM
-    from crossinfer.sampling_params import SamplingParams
+class _EngineRun:
+    """crossinfer's engine, built and warmed up once; ``run`` times one pass of the prompts."""
 
-    llm = LLM(loaded=loaded, **asdict(config))
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return Figure("crossinfer (continuous batching)", len(prompts), produced, seconds)
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig, prompts: list[list[int]], output_len: int
+    ) -> None:
+        from crossinfer.llm import LLM
+        from crossinfer.sampling_params import SamplingParams
+
+        self.llm = LLM(loaded=loaded, **asdict(config))
+        self.prompts = prompts
+        self.params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        self.llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))
+
+    def run(self, name: str) -> Figure:
+        start = time.perf_counter()
+        outputs = self.llm.generate(self.prompts, self.params)
+        seconds = time.perf_counter() - start
+        produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+        return Figure(name, len(self.prompts), produced, seconds)
+
+
+def _start_vllm(
+    args: argparse.Namespace, loaded: LoadedModel, config: EngineConfig, prompts: list[list[int]]
+) -> VllmBaseline:
+    from crossinfer.commands.vllm_baseline import VllmBaseline, export_hf_folder
+
+    setup = {
+        "model": export_hf_folder(loaded),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "max_model_len": args.input_len + args.output_len,
+        "max_num_seqs": config.max_num_seqs,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "prompts": prompts,
+        "output_len": args.output_len,
+        "seed": config.seed,
+    }
+    return VllmBaseline(args.baseline_python, setup)
 
 
 def _transformers_model(loaded: LoadedModel) -> torch.nn.Module:
@@ -122,15 +177,27 @@ def _bench_hf_single(model: torch.nn.Module, prompts: list[list[int]], output_le
 
 
 def _matmul_rate(dtype: torch.dtype, size: int = 1024, repeats: int = 8) -> float:
-    """FLOP/s of a square matmul in ``dtype`` on the CPU, best of a few timed runs."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
+    """FLOP/s of a square matmul in ``dtype`` on the CPU, best of a few timed runs of torch's
+    GEMM and, for fp32, oneDNN's on a pre-packed weight (what the CPU backend's linear layers
+    run): the floor is the faster of the two. int8: ``torch._int_mm``, int8 ops/s."""
+    if dtype == torch.int8:  # int8 in, int32 out: what an int8 linear layer runs
+        a = torch.randint(-127, 128, (size, size), dtype=dtype)
+        b = torch.randint(-127, 128, (size, size), dtype=dtype)
+        gemms = [lambda: torch._int_mm(a, b)]
+    else:
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        gemms = [lambda: torch.mm(a, b)]
+    if torch.backends.mkldnn.is_available() and dtype == torch.float32:
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous())
+        gemms.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+    for gemm in gemms:
+        gemm()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            gemm()
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
@@ -149,13 +216,20 @@ def _floor_tokens_per_s(
     return num * output_len / (flops / rate)
 
 
+def _median_rate(figures: list[Figure], prefix: str) -> float:
+    rates = [f.tokens_per_s for f in figures if f.name.startswith(prefix)]
+    return statistics.median(rates) if rates else 0.0
+
+
 def _report(
     loaded: LoadedModel, args: argparse.Namespace, figures: list[Figure], rate: float, floor: float
 ) -> str:
-    ours = figures[0].tokens_per_s
+    ours = _median_rate(figures, "crossinfer")
+    quantization = getattr(args, "quantization", None) or "none"
     lines = [
         f"model {loaded.model_files.path} | backend {loaded.backend.name} | "
-        f"dtype {str(loaded.dtype).removeprefix('torch.')} | threads {torch.get_num_threads()}",
+        f"dtype {str(loaded.dtype).removeprefix('torch.')} | quantization {quantization} | "
+        f"threads {torch.get_num_threads()}",
         f"{args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy",
         "",
         "| run | requests | output tokens | seconds | output tok/s | crossinfer / this |",
@@ -166,9 +240,19 @@ def _report(
             f"| {f.name} | {f.num_requests} | {f.output_tokens} | {f.seconds:.2f} | "
             f"{f.tokens_per_s:.1f} | {ours / f.tokens_per_s:.2f}x |"
         )
+    vllm = _median_rate(figures, "vLLM")
+    if vllm:
+        lines += [
+            "",
+            f"medians over {args.rounds} interleaved rounds: crossinfer {ours:.1f} tok/s, vLLM "
+            f"{vllm:.1f} tok/s (unquantised, {str(loaded.dtype).removeprefix('torch.')}): "
+            f"crossinfer / vLLM = {ours / vllm:.2f}x",
+        ]
     lines += [
         "",
-        f"matmul rate {rate / 1e9:.1f} GFLOP/s -> compute floor {floor:.1f} output tok/s; "
+        f"matmul rate {rate / 1e9:.1f} G{'OP' if quantization == 'int8' else 'FLOP'}/s "
+        f"({'int8' if quantization == 'int8' else str(loaded.dtype).removeprefix('torch.')}) "
+        f"-> compute floor {floor:.1f} output tok/s; "
         f"crossinfer reaches {ours / floor:.2f} of it",
     ]
     return "\n".join(lines)

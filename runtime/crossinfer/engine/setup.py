@@ -19,6 +19,7 @@ from crossinfer.engine.runner import ModelRunner
 from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
 from crossinfer.engine.workers import RunnerSpec, SpawnedWorkers, WorkerGroup, local_init_method
 from crossinfer.loader import ModelFiles, open_model
+from crossinfer.loader.dummy import fill_random, open_dummy_model
 from crossinfer.models.llama import LlamaArgs, LlamaForCausalLM
 from crossinfer.models.registry import build_model
 from crossinfer.registry import resolve_device
@@ -68,6 +69,11 @@ class EngineConfig:
     """Ranks the model is split over, one process each (engine/workers.py)."""
     distributed_executor_backend: str = "mp"
     """Who starts ranks 1 .. N-1: "mp" (spawned processes) or "ray" (Ray actors)."""
+    quantization: str | None = None
+    """A method of the backend's ``Capabilities.quantizations`` (e.g. "int8"), or None."""
+    load_format: str = "auto"
+    """auto: read the weights from ``model``; dummy: random weights from a config alone
+    (``model`` is a folder with a config.json, or a built-in shape; loader/dummy.py)."""
     seed: int = 0
 
 
@@ -103,13 +109,14 @@ def load_model(config: EngineConfig, backend: Backend | None = None) -> LoadedMo
     ``backend``: use this instance instead of resolving ``config.device``. With a
     tensor-parallel size above 1 this process is rank 0 and the other ranks start here."""
     backend = backend or resolve_device(config.device)
+    check_quantization(config.quantization, backend)
     launched = launched_ranks()  # torchrun (or another env:// launcher) started the ranks
     if launched is not None:
         config = for_launch(config, launched[1])
     size = config.tensor_parallel_size
     if size == 1:
         return load_shard(config, backend, TensorParallel())
-    check_parallel(size, backend, open_model(config.model).config)
+    check_parallel(size, backend, _open(config).config)
     workers: WorkerGroup
     if launched is not None:
         if launched[0] != 0:
@@ -136,17 +143,46 @@ def load_shard(config: EngineConfig, backend: Backend, tp: TensorParallel) -> Lo
     """This rank's part of the model (all of it at size 1), and the tokenizer."""
     backend.seed(config.seed)
     backend.set_compile_cache_dir(config.compile_cache_dir or _default_compile_cache(backend))
-    files = open_model(config.model)
+    files = _open(config)
     dtype = _pick_dtype(config.dtype, backend.capabilities().dtypes, backend.name)
     max_model_len = _max_model_len(config, files)
     model = build_model(files.config, backend, dtype, max_model_len, tp)
-    # Each rank reads only its slices (safetensors), or slices each tensor as it is made (GGUF).
-    model.load_weights(files.iter_weights(select=model.shards.select), whole=False)
+    if config.load_format == "dummy":
+        fill_random(model, config.seed + tp.rank)
+    else:
+        # Each rank reads only its slices (safetensors), or slices each tensor as it is made.
+        model.load_weights(files.iter_weights(select=model.shards.select), whole=False)
+    if config.quantization is not None:
+        model = backend.quantize_model(model, config.quantization)  # type: ignore[assignment]
     model = backend.prepare_model(model)  # type: ignore[assignment]
     tokenizer = files.load_tokenizer()
     return LoadedModel(
         backend, files, model, tokenizer, dtype, max_model_len, _eos_ids(files, tokenizer)
     )
+
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def _open(config: EngineConfig) -> ModelFiles:
+    if config.load_format not in LOAD_FORMATS:
+        raise ValueError(f"load format {config.load_format!r}: expected one of {LOAD_FORMATS}")
+    if config.load_format == "dummy":
+        return open_dummy_model(config.model)
+    return open_model(config.model)
+
+
+def check_quantization(method: str | None, backend: Backend) -> None:
+    """Refuse, before anything is loaded, a quantisation the backend does not apply."""
+    if method is None:
+        return
+    offered = backend.capabilities().quantizations
+    if method not in offered:
+        has = ", ".join(offered) if offered else "none"
+        raise ValueError(
+            f"--quantization {method}: the {backend.name} backend does not support it "
+            f"(it supports: {has})"
+        )
 
 
 def check_parallel(size: int, backend: Backend, hf_config: PretrainedConfig) -> None:

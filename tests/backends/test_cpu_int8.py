@@ -1,0 +1,103 @@
+"""The CPU backend's int8 (W8A8) linear layer: it computes exactly the integer arithmetic it
+claims, its error against the fp32 layer stays within the stated bound, and
+``quantize_model`` swaps every linear of a model, tensor-parallel shards included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from crossinfer_cpu import CpuBackend
+from crossinfer_cpu.int8 import QMAX, Int8Linear, quantize_per_channel, quantize_rows
+
+# Normalised error ||y_int8 - y_fp32|| / ||y_fp32|| for Gaussian inputs and weights: per-channel
+# weights and per-token activations each add about 1/(QMAX * sqrt(12)) relative rounding noise
+# per element, around 0.5% together; the bound leaves room for heavier-tailed rows.
+INT8_REL_ERROR = 0.02
+
+
+def _rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 129])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_layer_is_the_integer_gemm_it_claims(rows: int, bias: bool) -> None:
+    torch.manual_seed(rows)
+    plain = nn.Linear(96, 80, bias=bias)
+    layer = Int8Linear(plain)
+    x = torch.randn(rows, 96)
+    wq, w_scale = quantize_per_channel(plain.weight)
+    xq, x_scale = quantize_rows(x)
+    exact = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double()
+    if bias:
+        exact += plain.bias.double()
+    got = layer(x)
+    assert got.shape == (rows, 80) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert _rel_error(got, plain(x).detach()) < INT8_REL_ERROR
+
+
+def test_quantisation_is_symmetric_per_channel_and_per_token() -> None:
+    w = torch.tensor([[0.5, -1.0, 0.25], [2.0, 0.0, -2.0], [0.0, 0.0, 0.0]])
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8
+    assert q[0].tolist() == [64, -QMAX, 32] and q[1].tolist() == [QMAX, 0, -QMAX]
+    assert q[2].tolist() == [0, 0, 0] and torch.isfinite(scale).all()  # a zero row stays zero
+    assert torch.allclose(scale[:2], torch.tensor([1.0, 2.0]) / QMAX)
+    xq, x_scale = quantize_rows(torch.tensor([[3.0, -1.5], [0.0, 0.0]]))
+    assert xq[0].tolist() == [QMAX, -64] and xq[1].tolist() == [0, 0]
+    assert x_scale.shape == (2, 1)
+
+
+def test_leading_dims_and_bf16_inputs() -> None:
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 48)
+    layer = Int8Linear(plain)
+    x = torch.randn(2, 3, 64)
+    assert layer(x).shape == (2, 3, 48)
+    xb = x.to(torch.bfloat16)
+    out = layer(xb)
+    assert out.dtype == torch.bfloat16
+    assert _rel_error(out, plain(x).detach()) < INT8_REL_ERROR
+
+
+def test_quantize_model_swaps_every_linear_and_the_capabilities_say_so() -> None:
+    backend = CpuBackend()
+    assert "int8" in backend.capabilities().quantizations
+
+    class Shard(nn.Module):  # a tensor-parallel wrapper's shape: the linear is ``inner``
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Shard())
+    x = torch.randn(4, 8)
+    want = model(x).detach()
+    backend.quantize_model(model, "int8")
+    assert isinstance(model[0], Int8Linear) and isinstance(model[2].inner, Int8Linear)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert _rel_error(model(x), want) < 2 * INT8_REL_ERROR
+    with pytest.raises(ValueError, match="int8"):
+        backend.quantize_model(model, "fp4")
+
+
+def test_the_native_ends_give_the_torch_path_exactly() -> None:
+    from crossinfer_cpu import native
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    torch.manual_seed(3)
+    plain = nn.Linear(200, 72)
+    x = torch.randn(37, 200) * torch.logspace(-2, 2, 200)  # rows with outlier channels
+    x[5] = 0.0  # an all-zero row
+    reference, fast = Int8Linear(plain), Int8Linear(plain, lib)
+    assert torch.allclose(fast(x), reference(x), rtol=1e-6, atol=1e-6)
+    strided = torch.randn(9, 400)[:, :200]  # rows with a stride: native too
+    assert torch.allclose(fast(strided), reference(strided), rtol=1e-6, atol=1e-6)
