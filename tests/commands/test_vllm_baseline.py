@@ -50,15 +50,15 @@ def test_the_protocol_with_a_stand_in_vllm(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("STAND_IN_LOG", str(log))
     setup = {
         "model": "/some/folder", "dtype": "float32", "max_model_len": 64, "max_num_seqs": 4,
-        "max_num_batched_tokens": 256, "prompts": [[1, 2, 3], [4, 5, 6]], "output_len": 5,
+        "max_num_batched_tokens": 256, "warmup": [[1, 2, 3]], "output_len": 5,
         "seed": 0,
     }  # fmt: skip
     baseline = VllmBaseline(sys.executable, setup)
     try:
         assert baseline.version == "0.0-stand-in"
-        for _ in range(2):
-            seconds, tokens = baseline.run()
-            assert tokens == 10 and seconds >= 0
+        for prompts in ([[1, 2, 3], [4, 5, 6]], [[7, 8, 9]]):
+            seconds, tokens = baseline.run(prompts)
+            assert tokens == 5 * len(prompts) and seconds >= 0
     finally:
         baseline.close()
     import json

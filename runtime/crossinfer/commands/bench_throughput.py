@@ -1,7 +1,8 @@
 """``crossinfer bench throughput``: offline throughput of the engine against transformers,
 measured in the same run on the same prompts and weights.
 
-Workload: ``num_prompts`` prompts of exactly ``input_len`` random token ids (seeded), greedy,
+Workload: ``num_prompts`` prompts of exactly ``input_len`` random token ids (seeded; each of
+the ``--rounds`` rounds draws its own, so no round reads another's prefix cache), greedy,
 ``output_len`` tokens each with EOS ignored. Baselines: transformers' ``generate`` on the same
 weights as one static batch (all prompts have the same length, so no padding) and one request
 at a time (on the first ``single_prompts`` prompts); with ``--baseline vllm``, vLLM's offline
@@ -17,16 +18,13 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from crossinfer.engine.setup import EngineConfig, LoadedModel, load_model
-
-if TYPE_CHECKING:
-    from crossinfer.commands.vllm_baseline import VllmBaseline
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     from crossinfer.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args)
-    baseline = None
     if args.baseline == "vllm":  # before loading anything: a missing vLLM fails in seconds
         from crossinfer.commands.vllm_baseline import BaselineUnavailable, vllm_version
 
@@ -55,21 +52,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"--baseline vllm: {exc}", file=sys.stderr)
             return 2
     loaded = load_model(config)
-    prompts = _prompts(loaded, args.num_prompts, args.input_len, args.seed)
-    engine = _EngineRun(loaded, config, prompts, args.output_len)
+    # Warm-up and every round draw their own prompts: a round never reads the prefix cache of
+    # another (with one set, later rounds would find every prompt cached).
+    warmup = _prompts(loaded, 2, args.input_len, args.seed)
+    rounds = [
+        _prompts(loaded, args.num_prompts, args.input_len, args.seed + 1 + i)
+        for i in range(args.rounds)
+    ]
+    prompts = rounds[0]
+    engine = _EngineRun(loaded, config, warmup, args.output_len)
     if args.baseline == "vllm":
-        baseline = _start_vllm(args, loaded, config, prompts)
-    figures: list[Figure] = []
-    try:
-        for i in range(args.rounds):
-            figures.append(engine.run(f"crossinfer round {i + 1}"))
-            if baseline is not None:
-                seconds, produced = baseline.run()
-                name = f"vLLM {baseline.version} round {i + 1}"
-                figures.append(Figure(name, len(prompts), produced, seconds))
-    finally:
-        if baseline is not None:
-            baseline.close()
+        figures = _rounds_with_vllm(args, engine, loaded, config, warmup, rounds)
+    else:
+        figures = [engine.run(f"crossinfer round {i + 1}", p) for i, p in enumerate(rounds)]
     if not args.no_baselines:
         reference = _transformers_model(loaded)
         figures.append(_bench_hf_static(reference, prompts, args.output_len))
@@ -100,43 +95,72 @@ def _prompts(loaded: LoadedModel, num: int, length: int, seed: int) -> list[list
 
 
 class _EngineRun:
-    """crossinfer's engine, built and warmed up once; ``run`` times one pass of the prompts."""
+    """crossinfer's engine, built and warmed up once; ``run`` times one pass of prompts."""
 
     def __init__(
-        self, loaded: LoadedModel, config: EngineConfig, prompts: list[list[int]], output_len: int
+        self, loaded: LoadedModel, config: EngineConfig, warmup: list[list[int]], output_len: int
     ) -> None:
         from crossinfer.llm import LLM
         from crossinfer.sampling_params import SamplingParams
 
         self.llm = LLM(loaded=loaded, **asdict(config))
-        self.prompts = prompts
         self.params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        self.llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4))
+        self.llm.generate(warmup, SamplingParams(temperature=0.0, max_tokens=4))
 
-    def run(self, name: str) -> Figure:
+    def run(self, name: str, prompts: list[list[int]]) -> Figure:
         start = time.perf_counter()
-        outputs = self.llm.generate(self.prompts, self.params)
+        outputs = self.llm.generate(prompts, self.params)
         seconds = time.perf_counter() - start
         produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-        return Figure(name, len(self.prompts), produced, seconds)
+        return Figure(name, len(prompts), produced, seconds)
 
 
-def _start_vllm(
-    args: argparse.Namespace, loaded: LoadedModel, config: EngineConfig, prompts: list[list[int]]
-) -> VllmBaseline:
+def _rounds_with_vllm(
+    args: argparse.Namespace,
+    engine: _EngineRun,
+    loaded: LoadedModel,
+    config: EngineConfig,
+    warmup: list[list[int]],
+    rounds: list[list[list[int]]],
+) -> list[Figure]:
+    """crossinfer's runs and vLLM's, alternating; a GGUF model is exported for vLLM to a
+    temporary folder, removed afterwards."""
     from crossinfer.commands.vllm_baseline import VllmBaseline, export_hf_folder
 
-    setup = {
-        "model": export_hf_folder(loaded),
+    figures: list[Figure] = []
+    with tempfile.TemporaryDirectory(prefix="crossinfer-vllm-model-") as folder:
+        baseline = VllmBaseline(
+            args.baseline_python,
+            _vllm_setup(args, loaded, config, warmup, export_hf_folder(loaded, folder)),
+        )
+        try:
+            for i, prompts in enumerate(rounds):
+                figures.append(engine.run(f"crossinfer round {i + 1}", prompts))
+                seconds, produced = baseline.run(prompts)
+                name = f"vLLM {baseline.version} round {i + 1}"
+                figures.append(Figure(name, len(prompts), produced, seconds))
+        finally:
+            baseline.close()
+    return figures
+
+
+def _vllm_setup(
+    args: argparse.Namespace,
+    loaded: LoadedModel,
+    config: EngineConfig,
+    warmup: list[list[int]],
+    model: str,
+) -> dict[str, object]:
+    return {
+        "model": model,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "max_model_len": args.input_len + args.output_len,
         "max_num_seqs": config.max_num_seqs,
         "max_num_batched_tokens": config.max_num_batched_tokens,
-        "prompts": prompts,
+        "warmup": warmup,
         "output_len": args.output_len,
         "seed": config.seed,
     }
-    return VllmBaseline(args.baseline_python, setup)
 
 
 def _transformers_model(loaded: LoadedModel) -> torch.nn.Module:

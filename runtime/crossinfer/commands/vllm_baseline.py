@@ -1,6 +1,7 @@
 """The vLLM baseline of ``crossinfer bench throughput``: vLLM's offline engine in a subprocess
 (``vllm_offline.py`` under the interpreter vLLM is installed in), on the same token-id prompts,
-weights and settings, kept loaded so its runs interleave with crossinfer's.
+weights and settings, kept loaded so its runs interleave with crossinfer's (each run on the
+prompts crossinfer ran just before it).
 
 vLLM reads Hugging Face folders; a GGUF model is written out once as one (the same weights
 crossinfer computes with, as safetensors in the engine's dtype, with its config and tokenizer).
@@ -12,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +78,9 @@ class VllmBaseline:
         if not ready.get("ready"):
             raise BaselineUnavailable(f"vLLM did not start: {ready}")
 
-    def run(self) -> tuple[float, int]:
-        """(seconds, output tokens) of one timed ``generate`` of every prompt."""
-        self._send({"run": True})
+    def run(self, prompts: list[list[int]]) -> tuple[float, int]:
+        """(seconds, output tokens) of one timed ``generate`` of ``prompts``."""
+        self._send({"prompts": prompts})
         result = self._receive()
         return float(result["seconds"]), int(result["output_tokens"])
 
@@ -111,15 +111,14 @@ class VllmBaseline:
         return message
 
 
-def export_hf_folder(loaded: Any, folder: str | None = None) -> str:
-    """Write ``loaded``'s weights, config and tokenizer as a Hugging Face folder vLLM reads;
-    an HF folder model is returned as it is."""
+def export_hf_folder(loaded: Any, folder: str) -> str:
+    """Write ``loaded``'s weights, config and tokenizer into ``folder`` as a Hugging Face
+    folder vLLM reads, and return it; an HF folder model is returned as it is."""
     files = loaded.model_files
     if os.path.isdir(files.path):
         return str(files.path)
     from safetensors.torch import save_file
 
-    folder = folder or tempfile.mkdtemp(prefix="crossinfer-vllm-model-")
     weights = {
         name: t.to(loaded.dtype).contiguous() for name, t in files.iter_weights()
     }  # fmt: skip

@@ -5,10 +5,11 @@ Runs as a script under another interpreter (the one vLLM is installed in), so it
 the standard library and vLLM, never crossinfer. Protocol, one JSON object per line:
 
 - first line in: ``{"model", "dtype", "max_model_len", "max_num_seqs",
-  "max_num_batched_tokens", "prompts": [[token ids]...], "output_len", "seed"}``; the engine is
-  built and warmed up, then ``{"ready": true, "version": ...}`` goes out;
-- each later line in (``{"run": true}``) times one ``generate`` of all prompts, greedy, EOS
-  ignored, and answers ``{"seconds", "output_tokens"}``; end of input ends the process.
+  "max_num_batched_tokens", "warmup": [[token ids]...], "output_len", "seed"}``; the engine is
+  built and warmed up on ``warmup``, then ``{"ready": true, "version": ...}`` goes out;
+- each later line in (``{"prompts": [[token ids]...]}``) times one ``generate`` of those
+  prompts, greedy, EOS ignored, and answers ``{"seconds", "output_tokens"}``; end of input ends
+  the process. Each run brings new prompts, so no run reads another's prefix cache.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ def main() -> int:
         seed=setup["seed"],
     )
     params = vllm.SamplingParams(temperature=0.0, max_tokens=setup["output_len"], ignore_eos=True)
-    prompts = [{"prompt_token_ids": ids} for ids in setup["prompts"]]
-    llm.generate(prompts[:2], vllm.SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    warmup = [{"prompt_token_ids": ids} for ids in setup["warmup"]]
+    llm.generate(warmup, vllm.SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     _send({"ready": True, "version": getattr(vllm, "__version__", "unknown")})
     for line in sys.stdin:
-        if not json.loads(line).get("run"):
-            continue
+        prompts = [{"prompt_token_ids": ids} for ids in json.loads(line)["prompts"]]
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
