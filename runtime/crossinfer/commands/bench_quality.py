@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     quantized = LLM(**asdict(config))
     prompts = list(PROMPTS[: args.num_prompts])
     quality = measure(reference, quantized, config.quantization, prompts, args.output_len)
+    dtype = str(reference.engine.parts.loaded.dtype).removeprefix("torch.")
     print(
-        f"{quality.method} against "
-        f"{str(reference.engine.parts.loaded.dtype).removeprefix('torch.')} on {quality.num_prompts} "
+        f"{quality.method} against {dtype} on {quality.num_prompts} "
         f"prompts, {quality.output_len} greedy tokens each\n"
         f"tokens before the first difference: median {quality.agree_median:g}, worst "
         f"{quality.agree_min}; identical continuations {quality.identical}/{quality.num_prompts}\n"
