@@ -45,7 +45,8 @@ def test_arguments_default_to_the_issue_workload_and_bad_ones_are_refused() -> N
 
 
 def test_copy_bandwidth_is_positive_on_the_cpu() -> None:
-    assert gpu_check.copy_bandwidth(torch.device("cpu"), num_bytes=1 << 22, repeats=2) > 0
+    rate = gpu_check.copy_bandwidth(torch.device("cpu"), lambda: None, num_bytes=1 << 22, repeats=2)
+    assert rate > 0
 
 
 def test_cpu_dry_run_writes_the_report(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_the_protocol_with_a_stand_in_vllm(tmp_path: Path, monkeypatch: pytest.M
     setup = {
         "model": "/some/folder", "dtype": "float32", "max_model_len": 64, "max_num_seqs": 4,
         "max_num_batched_tokens": 256, "warmup": [[1, 2, 3]], "output_len": 5,
-        "seed": 0,
+        "seed": 0, "load_format": "auto",
     }  # fmt: skip
     baseline = VllmBaseline(sys.executable, setup)
     try:

@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
         figures = _rounds_with_vllm(args, engine, loaded, config, warmup, rounds)
     else:
         figures = [engine.run(f"crossinfer round {i + 1}", p) for i, p in enumerate(rounds)]
-    if not args.no_baselines:
+    if not args.no_baselines and config.load_format == "dummy":
+        print("transformers baselines skipped: --load-format dummy has no weights to give them")
+    elif not args.no_baselines:
         reference = _transformers_model(loaded)
         figures.append(_bench_hf_static(reference, prompts, args.output_len))
         figures.append(_bench_hf_single(reference, prompts[: args.single_prompts], args.output_len))
@@ -159,6 +161,7 @@ def _vllm_setup(
         "max_num_batched_tokens": config.max_num_batched_tokens,
         "warmup": warmup,
         "output_len": args.output_len,
+        "load_format": config.load_format,
         "seed": config.seed,
     }
 

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -75,24 +76,25 @@ def mean_decode_context(num_prompts: int, input_len: int, output_len: int) -> in
     return num_prompts * round(statistics.fmean(input_len + i for i in steps))
 
 
-def copy_bandwidth(device: torch.device, num_bytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted), best of ``repeats``."""
+def copy_bandwidth(
+    device: torch.device,
+    synchronize: Callable[[], None],
+    num_bytes: int = 1 << 30,
+    repeats: int = 10,
+) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), best of ``repeats``;
+    ``synchronize`` waits for the device (the backend's)."""
     src = torch.empty(num_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(device)
+    synchronize()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * src.numel() * src.element_size() / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result["device_names"] = list(backend.probe().devices)
     if not args.skip_conformance:
         result["conformance"] = run_conformance(args.device, args.conformance_report)
-    bandwidth = copy_bandwidth(backend.device(), args.copy_bytes)
+    bandwidth = copy_bandwidth(backend.device(), backend.synchronize, args.copy_bytes)
     result["copy_bandwidth_gb_s"] = bandwidth / 1e9
     model = run_model(args)
     result["model"] = model

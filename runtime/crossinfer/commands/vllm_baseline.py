@@ -113,16 +113,20 @@ class VllmBaseline:
 
 def export_hf_folder(loaded: Any, folder: str) -> str:
     """Write ``loaded``'s weights, config and tokenizer into ``folder`` as a Hugging Face
-    folder vLLM reads, and return it; an HF folder model is returned as it is."""
+    folder vLLM reads, and return it; an HF folder model is returned as it is, and a dummy
+    model gets its config and tokenizer only."""
     files = loaded.model_files
-    if os.path.isdir(files.path):
+    dummy = files.num_tensors == 0  # --load-format dummy: vLLM makes its own random weights
+    if os.path.isdir(files.path) and not dummy:
         return str(files.path)
+    files.config.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    if dummy:
+        return folder
     from safetensors.torch import save_file
 
     weights = {
         name: t.to(loaded.dtype).contiguous() for name, t in files.iter_weights()
     }  # fmt: skip
     save_file(weights, os.path.join(folder, "model.safetensors"))
-    files.config.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
     return folder

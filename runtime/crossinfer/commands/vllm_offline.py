@@ -5,7 +5,8 @@ Runs as a script under another interpreter (the one vLLM is installed in), so it
 the standard library and vLLM, never crossinfer. Protocol, one JSON object per line:
 
 - first line in: ``{"model", "dtype", "max_model_len", "max_num_seqs",
-  "max_num_batched_tokens", "warmup": [[token ids]...], "output_len", "seed"}``; the engine is
+  "max_num_batched_tokens", "warmup": [[token ids]...], "output_len", "seed", "load_format"}``
+  (``"dummy"``: random weights from the folder's config, as crossinfer's); the engine is
   built and warmed up on ``warmup``, then ``{"ready": true, "version": ...}`` goes out;
 - each later line in (``{"prompts": [[token ids]...]}``) times one ``generate`` of those
   prompts, greedy, EOS ignored, and answers ``{"seconds", "output_tokens"}``; end of input ends
@@ -35,6 +36,7 @@ def main() -> int:
         max_num_seqs=setup["max_num_seqs"],
         max_num_batched_tokens=setup["max_num_batched_tokens"],
         seed=setup["seed"],
+        load_format=setup.get("load_format", "auto"),
     )
     params = vllm.SamplingParams(temperature=0.0, max_tokens=setup["output_len"], ignore_eos=True)
     warmup = [{"prompt_token_ids": ids} for ids in setup["warmup"]]
