@@ -233,8 +233,7 @@ def _floor_tokens_per_s(
 ) -> float:
     """Output tokens/s if every matmul FLOP of the workload ran at the measured rate."""
     a = loaded.model.args
-    per_layer = a.hidden_size * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
-    per_layer += a.num_heads * a.head_dim * a.hidden_size + 3 * a.hidden_size * a.intermediate_size
+    per_layer = a.linear_params_per_layer
     computed = input_len + output_len - 1  # the last sampled token is never fed back
     flops = 2 * a.num_layers * per_layer * computed * num
     flops += 2 * a.hidden_size * a.vocab_size * output_len * num  # logits of sampled tokens

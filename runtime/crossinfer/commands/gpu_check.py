@@ -43,15 +43,12 @@ class ModelBytes:
 
 def model_bytes(config: Any, dtype: torch.dtype) -> ModelBytes:
     """From an HF Llama-family config: see ModelBytes."""
+    from crossinfer.models.llama import LlamaArgs
+
     size = torch.tensor([], dtype=dtype).element_size()
-    hidden, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
-    per_layer += 3 * hidden * inter
-    params = config.num_hidden_layers * per_layer + hidden * config.vocab_size  # + LM head
-    kv = 2 * config.num_hidden_layers * kv_heads * head_dim * size
+    a = LlamaArgs.from_config(config)
+    params = a.num_layers * a.linear_params_per_layer + a.hidden_size * a.vocab_size  # + head
+    kv = 2 * a.num_layers * a.num_kv_heads * a.head_dim * size
     return ModelBytes(weight_bytes=params * size, kv_bytes_per_token=kv)
 
 
@@ -136,9 +133,9 @@ def run_conformance(device: str, report: str) -> dict[str, Any]:
     try:
         with open(report) as f:
             data = json.load(f)
-        summary["counts"] = data.get("summary", data.get("counts"))
-    except (OSError, ValueError) as exc:
-        summary["counts"] = f"no report: {exc}"
+        summary["counts"] = data["summary"]
+    except (OSError, ValueError, KeyError) as exc:
+        summary["counts"] = f"no report: {exc!r}"
     return summary
 
 

@@ -47,6 +47,12 @@ class LlamaArgs:
     o_bias: bool
     mlp_bias: bool
 
+    @property
+    def linear_params_per_layer(self) -> int:
+        """Weights of one decoder layer's matrix multiplies: q/k/v, o, gate/up and down."""
+        attention = (2 * self.num_heads + 2 * self.num_kv_heads) * self.head_dim * self.hidden_size
+        return attention + 3 * self.hidden_size * self.intermediate_size
+
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> LlamaArgs:
         num_heads = config.num_attention_heads
