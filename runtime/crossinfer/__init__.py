@@ -14,10 +14,11 @@ from crossinfer.backend import CONTRACT_VERSION
 if TYPE_CHECKING:
     from crossinfer.llm import LLM
     from crossinfer.sampling_params import SamplingParams
+    from crossinfer.structured_outputs import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["CONTRACT_VERSION", "LLM", "SamplingParams", "__version__"]
+__all__ = ["CONTRACT_VERSION", "LLM", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +30,8 @@ def __getattr__(name: str) -> Any:
         from crossinfer.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutputsParams":
+        from crossinfer.structured_outputs import StructuredOutputsParams
+
+        return StructuredOutputsParams
     raise AttributeError(f"module 'crossinfer' has no attribute {name!r}")

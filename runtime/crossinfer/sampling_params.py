@@ -6,6 +6,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from crossinfer.structured_outputs import StructuredOutputsParams
+
 # Below this temperature, sampling is argmax: dividing logits by ~0 overflows to inf/nan.
 GREEDY_TEMPERATURE_EPS = 1e-5
 # Ranges shared with the HTTP schema (server/protocol.py), so both refuse the same values.
@@ -70,6 +72,9 @@ class SamplingParams:
     stored as sorted ``(token id, bias)`` pairs."""
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # when detokenising the output
+    structured_outputs: StructuredOutputsParams | None = None
+    """What the output must match (a JSON schema, a regex, a choice, a grammar); the engine
+    masks every token that would break it."""
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -82,6 +87,13 @@ class SamplingParams:
         self._validate_sampling()
         self._validate_lengths()
         self._validate_tokens()
+        so = self.structured_outputs
+        _check(
+            so is None or isinstance(so, StructuredOutputsParams),
+            "structured_outputs",
+            so,
+            "a StructuredOutputsParams or None",
+        )
 
     def _validate_sampling(self) -> None:
         t, p, k, m = self.temperature, self.top_p, self.top_k, self.min_p

@@ -7,9 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 
+import xgrammar as xgr
+
 from crossinfer.engine.errors import RecompileError, RequestError, public_message
+from crossinfer.engine.grammar import GrammarCompiler, GrammarStates
 from crossinfer.engine.groups import RequestGroup, Sample
 from crossinfer.engine.isolation import execute_isolating
 from crossinfer.engine.outputs import CoreOutput
@@ -23,6 +27,7 @@ from crossinfer.sampling_params import SamplingParams
 logger = logging.getLogger("crossinfer.engine")
 
 _SEED_MODULUS = 2**64  # torch generators take seeds in [0, 2^64); children count up from it
+_GRAMMAR_WAIT_S = 0.01  # with nothing else to run, how long a step waits for a compilation
 
 
 class EngineCore:
@@ -32,6 +37,11 @@ class EngineCore:
     every group it advanced or ended; ``abort_request`` ends a group and frees its blocks;
     ``stop_sample`` ends one sample whose text reached a stop string. A request that fails
     inside a step ends with ``CoreOutput.error`` set; the others are unaffected.
+
+    A request with structured outputs waits outside the scheduler until its grammar is
+    compiled (on the compiler's thread: a step never waits for it while other work can run);
+    then its matcher masks each sampled token and advances with it, and a completed grammar
+    stops the request.
     """
 
     def __init__(self, parts: EngineParts) -> None:
@@ -43,6 +53,10 @@ class EngineCore:
         self._groups: dict[str, RequestGroup] = {}
         self._samples: dict[str, tuple[RequestGroup, Sample]] = {}
         self.num_steps = 0
+        self.grammars = GrammarStates(self.vocab_size)
+        self.runner.grammars = self.grammars  # the runner reads the masks when it samples
+        self._compiler: GrammarCompiler | None = None  # made at the first structured request
+        self._compiling: dict[str, tuple[Request, Future[xgr.CompiledGrammar]]] = {}
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -77,7 +91,19 @@ class EngineCore:
         group = RequestGroup(request_id, params)
         self._groups[request_id] = group
         self._track(group, request)
-        self.scheduler.add(request)
+        if params.structured_outputs is None:
+            self.scheduler.add(request)
+        else:
+            future = self._grammar_compiler().submit(params.structured_outputs)
+            self._compiling[request_id] = (request, future)
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._compiler is None:
+            loaded = self.parts.loaded
+            self._compiler = GrammarCompiler(
+                loaded.tokenizer, self.vocab_size, loaded.eos_token_ids
+            )
+        return self._compiler
 
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Refuse what the model cannot do; returns the request's max_tokens."""
@@ -134,16 +160,23 @@ class EngineCore:
         for sample in group.samples:
             if not sample.request.finished:
                 self.scheduler.finish(sample.request, status)
-            self._samples.pop(sample.request.request_id, None)
+            self._untrack(sample.request.request_id)
 
     def _forget(self, group: RequestGroup) -> None:
         self._groups.pop(group.request_id, None)
         for sample in group.samples:
-            self._samples.pop(sample.request.request_id, None)
+            self._untrack(sample.request.request_id)
+
+    def _untrack(self, request_id: str) -> None:
+        self._samples.pop(request_id, None)
+        self._compiling.pop(request_id, None)
+        self.grammars.drop(request_id)
 
     def close(self) -> None:
         """Stop the tensor-parallel ranks, if any, and leave their group (the engine cannot
         step after this)."""
+        if self._compiler is not None:
+            self._compiler.close()
         if self.runner.workers is None:
             return
         self.runner.workers.close()
@@ -157,7 +190,7 @@ class EngineCore:
         return None if self.runner.workers is None else self.runner.workers.dead()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._compiling)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -166,8 +199,10 @@ class EngineCore:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
         """One forward pass. Returns the change of every request group it advanced or ended."""
+        compile_failures = self._admit_compiled()
         output = self.scheduler.schedule()
         result, failures = execute_isolating(self.runner, output)
+        failures += compile_failures
         self._check_recompiles(output)
         failures += [(request.request_id, error) for request, error in output.failed]
         failures += [(rid, _no_finite_logit()) for rid in result.unsampleable]
@@ -190,6 +225,26 @@ class EngineCore:
             if group.finished:
                 self._forget(group)
         return results
+
+    def _admit_compiled(self) -> list[tuple[str, BaseException]]:
+        """Queue the requests whose grammar is compiled; returns those whose grammar failed.
+        With nothing else to run, wait a little for a compilation rather than spin."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_unfinished:
+            wait([f for _, f in self._compiling.values()], _GRAMMAR_WAIT_S, FIRST_COMPLETED)
+        failures: list[tuple[str, BaseException]] = []
+        for request_id, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            error = future.exception()
+            if error is not None:
+                failures.append((request_id, RequestError(f"the grammar failed: {error}")))
+                continue
+            self.grammars.start(request_id, future.result())
+            self.scheduler.add(request)
+        return failures
 
     def _check_recompiles(self, output: SchedulerOutput) -> None:
         grown = self.runner.new_graphs()
@@ -253,6 +308,7 @@ class EngineCore:
         child.metrics.first_token_time = parent.metrics.first_token_time
         child.num_cached_tokens = parent.num_cached_tokens
         self._track(group, child)
+        self.grammars.fork(parent.request_id, child.request_id)
         _, sample = self._samples[child.request_id]
         # Share the prompt's blocks; the partly filled last one is copied next step.
         copies = self.scheduler.kv_cache.fork(
@@ -266,12 +322,17 @@ class EngineCore:
         self._append(sample, token)
 
     def _append(self, sample: Sample, token: SampledToken) -> None:
-        """Add one sampled token; finish the request when a stop token or the length says so
-        (stop strings are the output processor's: it calls ``stop_sample``)."""
+        """Add one sampled token; finish the request when a stop token, the length or its
+        completed grammar says so (stop strings are the output processor's: it calls
+        ``stop_sample``)."""
         request = sample.request
         request.token_ids.append(token.token_id)
         sample.new_tokens.append(token)
         status, reason = self._stop_by_token(request, token.token_id)
+        if request.request_id in self.grammars:
+            complete = self.grammars.accept(request.request_id, token.token_id)
+            if complete and status is None:
+                status = RequestStatus.FINISHED_STOPPED
         if status is not None:
             request.stop_reason = reason
             self.scheduler.finish(request, status)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from crossinfer.engine.core import EngineCore
+from crossinfer.engine.grammar import check_constraint
 from crossinfer.engine.output_processor import OutputProcessor
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.setup import EngineConfig, EngineParts, LoadedModel, build_engine_parts
@@ -55,6 +56,7 @@ class LLMEngine:
         the text they came from, if any (outputs carry it). ``cache_salt`` keeps the
         request's prefix-cache blocks apart from those of requests with another salt.
         """
+        check_constraint(params.structured_outputs)  # a bad schema fails here, not in a step
         if isinstance(prompt, str):
             prompt_text = prompt
             prompt_ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))

@@ -25,6 +25,7 @@ from crossinfer.engine.static_batch import all_shapes, build_padded_step
 from crossinfer.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
+    from crossinfer.engine.grammar import GrammarStates
     from crossinfer.engine.workers import WorkerGroup
 
 logger = logging.getLogger("crossinfer.engine")
@@ -67,6 +68,7 @@ class ModelRunner:
         # them, a collective every rank takes part in) and rank 0 alone samples.
         self.samples = samples
         self.workers: WorkerGroup | None = None  # ranks that mirror every call (rank 0 only)
+        self.grammars: GrammarStates | None = None  # structured outputs' matchers (the core's)
         self._graphs_seen: int | None = None  # compiled graphs counted after the warm-up
 
     def _no_grad(self) -> torch.autograd.grad_mode.no_grad | torch.inference_mode:
@@ -263,11 +265,12 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.int64, device=self.device),
         )
 
-    @staticmethod
-    def _sampling_rows(chunks: list[ScheduledChunk]) -> tuple[list[SamplingRow], list[int]]:
-        """One row per sample to draw, and the index of the chunk whose logits it reads."""
+    def _sampling_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[SamplingRow], list[int]]:
+        """One row per sample to draw, and the index of the chunk whose logits it reads. A
+        request under a grammar gets its mask (forked samples start from the same state)."""
         rows: list[SamplingRow] = []
         owners: list[int] = []
+        masks = self._grammar_masks(chunks)
         for index, chunk in enumerate(chunks):
             request = chunk.request
             generators = [request.generator]
@@ -281,7 +284,18 @@ class ModelRunner:
                         output_token_ids=request.output_token_ids,
                         generator=generator,
                         eos_token_ids=tuple(request.eos_token_ids),
+                        allowed=masks.get(request.request_id),
                     )
                 )
                 owners.append(index)
         return rows, owners
+
+    def _grammar_masks(self, chunks: list[ScheduledChunk]) -> dict[str, torch.Tensor]:
+        grammars = self.grammars
+        if not grammars:
+            return {}
+        ids = [c.request.request_id for c in chunks if c.request.request_id in grammars]
+        if not ids:
+            return {}
+        bitmask = grammars.masks(ids)
+        return {request_id: bitmask[i] for i, request_id in enumerate(ids)}

@@ -5,7 +5,8 @@ Order of operations (vLLM / HF semantics):
 1. min_tokens: EOS and ``stop_token_ids`` are banned (-inf) while a row is shorter than
    ``params.min_tokens``; ``logit_bias`` is added;
 2. penalties (engine/penalties.py): repetition over prompt + output, presence / frequency
-   over the output;
+   over the output; then a row under a grammar (structured outputs, engine/grammar.py) has
+   every token its grammar does not allow next set to -inf;
 3. a row left without a finite logit (the model produced NaN, or every token is banned)
    cannot be sampled: ``SamplingError`` names such rows before any random draw, so the
    caller can fail their requests and sample the others unchanged;
@@ -13,7 +14,8 @@ Order of operations (vLLM / HF semantics):
    top-k, then top-p (renormalised over the top-k survivors), then min-p, and sampled
    (engine/random_sampling.py).
 
-Logprobs are the log-softmax of the logits after steps 1-2 and before step 4: they describe
+Logprobs are the log-softmax of the logits after steps 1-2 (the grammar's mask included) and
+before step 4: they describe
 the distribution the request asked for (penalties included), independent of temperature and
 truncation, so greedy and sampled requests report comparable numbers.
 
@@ -43,6 +45,9 @@ class SamplingRow:
     output_token_ids: Sequence[int]  # tokens generated so far, excluding this step's
     generator: torch.Generator | None  # from make_generator(params.seed); None = global RNG
     eos_token_ids: Sequence[int] = ()  # banned with stop_token_ids until min_tokens is reached
+    allowed: torch.Tensor | None = None
+    """The tokens a grammar allows next, packed as xgrammar's bitmask row (int32
+    ``[ceil(vocab / 32)]``: bit ``t % 32`` of word ``t // 32`` for token ``t``); None: all."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledTok
     if not rows:
         return []
     bans = _min_tokens_bans(rows)
-    if not bans and all(_plain_greedy(r.params) for r in rows):
+    if not bans and all(_plain_greedy(r) for r in rows):
         best, token_ids = logits.max(dim=-1)  # NaN propagates into the max
         _check_finite(best)
         return _outputs(logits, token_ids, rows)
@@ -96,8 +101,11 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledTok
     return _outputs(processed, _choose(processed, rows), rows)
 
 
-def _plain_greedy(params: SamplingParams) -> bool:
-    return params.greedy and not params.has_penalties and not params.logit_bias
+def _plain_greedy(row: SamplingRow) -> bool:
+    params = row.params
+    return (
+        params.greedy and not params.has_penalties and not params.logit_bias and row.allowed is None
+    )
 
 
 def _check_finite(row_max: torch.Tensor) -> None:
@@ -125,10 +133,12 @@ def _min_tokens_bans(rows: Sequence[SamplingRow]) -> list[tuple[int, list[int]]]
 def _process(
     logits: torch.Tensor, rows: Sequence[SamplingRow], bans: list[tuple[int, list[int]]]
 ) -> torch.Tensor:
-    """fp32 logits after min_tokens bans, logit bias and penalties; a copy when any applies."""
+    """fp32 logits after min_tokens bans, logit bias, penalties and grammar masks; a copy when
+    any applies."""
     penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
     biased = [(i, r.params.bias_pairs) for i, r in enumerate(rows) if r.params.logit_bias]
-    if not bans and not penalised and not biased:
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not bans and not penalised and not biased and not masked:
         return logits.float()  # no copy when already fp32
     logits = logits.to(torch.float32, copy=True)
     vocab, device = logits.shape[1], logits.device
@@ -150,7 +160,20 @@ def _process(
             [r.params.presence_penalty for r in rows],
             [r.params.frequency_penalty for r in rows],
         )
+    if masked:
+        packed = torch.stack([rows[i].allowed for i in masked]).to(device)  # type: ignore[misc]
+        allowed = unpack_bitmask(packed, vocab)
+        index = torch.tensor(masked, device=device)
+        logits[index] = logits[index].masked_fill(~allowed, -math.inf)
     return logits
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """xgrammar's int32 bitmask ``[rows, words]`` -> bool ``[rows, vocab_size]`` (True:
+    allowed), in plain torch."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _choose(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -34,6 +35,7 @@ from crossinfer.server.responses import (
     vllm_prompt_logprobs,
 )
 from crossinfer.server.streaming import MEDIA_TYPE, StreamSpec, chat_events, completion_events
+from crossinfer.server.tools import finish_reason, parse_reply, plan_tools
 
 # A client that closed the connection gets no answer; the status only shows in access logs.
 _CLIENT_CLOSED = 499
@@ -125,8 +127,11 @@ def openai_router(ctx: ServerContext) -> APIRouter:
     )
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         ctx.check_model(body.model)
-        params = ctx.params.chat(body)
-        prompt = await ctx.prompts.chat_prompt(body.messages, body.add_generation_prompt)
+        tools = plan_tools(body)
+        params = ctx.params.chat(body, tools)
+        prompt = await ctx.prompts.chat_prompt(
+            body.messages, body.add_generation_prompt, tools.template_tools
+        )
         response_id = ctx.new_id("chatcmpl")
         names = Names(
             prompt="messages",
@@ -140,7 +145,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             logprobs=params.logprobs,
             prompt_logprobs=body.prompt_logprobs,
         )
-        spec = stream_spec(response_id, params, body.stream_options, choice)
+        spec = replace(stream_spec(response_id, params, body.stream_options, choice), tools=tools)
         if body.stream:
             return StreamingResponse(chat_events(stream, spec), media_type=MEDIA_TYPE)
         return await answer(stream, request, lambda outputs: _chat_response(spec, outputs))
@@ -168,20 +173,22 @@ def _completion_response(spec: StreamSpec, outputs: list[RequestOutput]) -> Comp
 def _chat_response(spec: StreamSpec, outputs: list[RequestOutput]) -> ChatCompletionResponse:
     (output,) = outputs
     want_logprobs = spec.choice.logprobs is not None
-    choices = [
-        ChatChoice(
-            index=completion.index,
-            message=ChatResponseMessage(content=completion.text),
-            logprobs=(
-                chat_logprobs(spec.tokens, completion.logprobs)
-                if want_logprobs and completion.logprobs is not None
-                else None
-            ),
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
+    choices = []
+    for completion in output.outputs:
+        content, calls = parse_reply(spec.tools, completion.text)
+        choices.append(
+            ChatChoice(
+                index=completion.index,
+                message=ChatResponseMessage(content=content, tool_calls=calls),
+                logprobs=(
+                    chat_logprobs(spec.tokens, completion.logprobs)
+                    if want_logprobs and completion.logprobs is not None
+                    else None
+                ),
+                finish_reason=finish_reason(completion.finish_reason, bool(calls)),
+                stop_reason=completion.stop_reason,
+            )
         )
-        for completion in output.outputs
-    ]
     num_top = spec.choice.prompt_logprobs
     return ChatCompletionResponse(
         id=spec.response_id,

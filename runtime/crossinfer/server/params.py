@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 from crossinfer.sampling_params import SamplingParams
+from crossinfer.server.constraints import request_constraint, tgi_constraint
 from crossinfer.server.errors import APIError, bad_request
 from crossinfer.server.limits import ServerLimits
 from crossinfer.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from crossinfer.server.tgi_protocol import TGIParameters
+from crossinfer.server.tools import ToolPlan
 
 
 def _too_many(param: str, value: int, limit: int, flag: str) -> APIError:
@@ -44,7 +46,7 @@ class ParamsBuilder:
     def _logprobs(self, param: str, value: int | None) -> None:
         self._check_count(param, value, self.max_logprobs, "--max-logprobs")
 
-    def _common(self, body: SamplingFields) -> dict[str, Any]:
+    def _common(self, body: SamplingFields, tools: ToolPlan | None = None) -> dict[str, Any]:
         n = 1 if body.n is None else body.n
         self._check_count("n", n, self.limits.max_n, "--max-n")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
@@ -69,6 +71,7 @@ class ParamsBuilder:
             "include_stop_str_in_output": body.include_stop_str_in_output,
             "skip_special_tokens": body.skip_special_tokens,
             "prompt_logprobs": body.prompt_logprobs,
+            "structured_outputs": request_constraint(body, tools.constraint() if tools else None),
         }
         return {k: v for k, v in fields.items() if v is not None}  # null = SamplingParams' default
 
@@ -91,9 +94,10 @@ class ParamsBuilder:
             fields["prompt_logprobs"] = max(body.logprobs, body.prompt_logprobs or 0)
         return _build(fields)
 
-    def chat(self, body: ChatCompletionRequest) -> SamplingParams:
-        """The sampling parameters of a /v1/chat/completions request."""
-        fields = self._common(body)
+    def chat(self, body: ChatCompletionRequest, tools: ToolPlan | None = None) -> SamplingParams:
+        """The sampling parameters of a /v1/chat/completions request (``tools``: the call
+        the reply must make, if any, constrains it)."""
+        fields = self._common(body, tools)
         max_tokens = body.max_tokens
         if body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
@@ -132,6 +136,7 @@ class ParamsBuilder:
             "max_tokens": parameters.max_new_tokens,
             "logprobs": parameters.top_n_tokens or 0,
             "prompt_logprobs": 0 if parameters.decoder_input_details else None,
+            "structured_outputs": tgi_constraint(parameters.grammar),
         }
         names = {"max_tokens": "parameters.max_new_tokens", "*": "inputs"}
         names |= {k: f"parameters.{k}" for k in fields if k != "max_tokens"}

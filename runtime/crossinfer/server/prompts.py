@@ -10,6 +10,7 @@ server's token limits (--max-input-tokens, --max-total-tokens), and its max_toke
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.errors import APIError
 from crossinfer.server.limits import ServerLimits
 from crossinfer.server.protocol import ChatMessage
+from crossinfer.server.tools import TOOL_CALL_END, TOOL_CALL_START, tools_system_prompt
 
 logger = logging.getLogger("crossinfer.server")
 
@@ -106,15 +108,37 @@ class PromptService:
             )
         return list(ids)
 
-    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
-        """A conversation through the model's chat template (as ``LLM.chat`` renders it)."""
-        return await self._run(self.render_chat, messages, add_generation_prompt)
+    async def chat_prompt(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Prompt:
+        """A conversation through the model's chat template (as ``LLM.chat`` renders it),
+        with the ``tools`` it may call (server/tools.py)."""
+        return await self._run(self.render_chat, messages, add_generation_prompt, tools)
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> Prompt:
+    def render_chat(
+        self,
+        messages: list[ChatMessage],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Prompt:
+        template = str(getattr(self.tokenizer, "chat_template", None) or "")
         conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
+        if "tool_calls" not in template:
+            conversation = [_calls_as_text(m) for m in conversation]
+        options: dict[str, Any] = {}
+        if tools and "tools" in template:
+            options["tools"] = tools
+        elif tools:
+            conversation = _with_tools_system_prompt(conversation, tools)
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **options,
             )
         except jinja2.TemplateError as exc:  # the template's own refusal: meant for the user
             raise _invalid("messages", f"the chat template refused them: {exc}") from None
@@ -197,4 +221,45 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
         content = "".join(texts)
     extra = message.model_extra or {}
     role = "system" if message.role == "developer" else message.role  # OpenAI's newer name
-    return {**extra, "role": role, "content": content or ""}
+    result = {**extra, "role": role, "content": content or ""}
+    if isinstance(extra.get("tool_calls"), list):
+        result["tool_calls"] = [_arguments_as_object(c) for c in extra["tool_calls"]]
+    return result
+
+
+def _arguments_as_object(call: Any) -> Any:
+    """A previous tool call with its arguments as an object: OpenAI clients send them as JSON
+    text, templates (Qwen2, Llama 3) write them out as objects."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """For a template that cannot show tool calls: an assistant's calls appended to its
+    content, in the format the tools' system prompt asks for."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    texts = []
+    for call in calls:
+        function = call.get("function", {}) if isinstance(call, dict) else {}
+        value = {"name": function.get("name"), "arguments": function.get("arguments", {})}
+        texts.append(f"{TOOL_CALL_START}{json.dumps(value, ensure_ascii=False)}{TOOL_CALL_END}")
+    rest = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**rest, "content": "\n".join(filter(None, [message["content"], *texts]))}
+
+
+def _with_tools_system_prompt(
+    conversation: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    prompt = tools_system_prompt(tools)
+    if conversation and conversation[0]["role"] == "system":
+        first = conversation[0]
+        return [{**first, "content": f"{first['content']}\n\n{prompt}"}, *conversation[1:]]
+    return [{"role": "system", "content": prompt}, *conversation]

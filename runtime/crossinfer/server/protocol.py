@@ -35,24 +35,27 @@ from crossinfer.sampling_params import (
     SEED_MIN,
     TOP_K_MAX,
 )
+from crossinfer.server.body import Body, finite
+from crossinfer.server.structured_protocol import (
+    DeltaToolCall,
+    ResponseFormat,
+    StructuredOutputsField,
+    Tool,
+    ToolCall,
+    ToolChoice,
+)
 
 MAX_STOP_CHARS = 1024  # characters in one stop string
 MAX_SALT_CHARS = 1024
 
 # Fields clients commonly send that this server does not implement, and why.
 UNSUPPORTED: dict[str, str] = {
-    "response_format": "structured output is not supported by this server yet",
-    "tools": "tool calling is not supported by this server yet",
-    "tool_choice": "tool calling is not supported by this server yet",
     "functions": "function calling is not supported by this server",
     "function_call": "function calling is not supported by this server",
-    "parallel_tool_calls": "tool calling is not supported by this server yet",
+    "guided_decoding_backend": "structured outputs always run on xgrammar here",
+    "guided_whitespace_pattern": "JSON is generated without free whitespace here",
     "suffix": "insertion (suffix) is not supported by this server",
     "allowed_token_ids": "not supported by this server; use logit_bias",
-    "guided_json": "structured output is not supported by this server yet",
-    "guided_regex": "structured output is not supported by this server yet",
-    "guided_choice": "structured output is not supported by this server yet",
-    "guided_grammar": "structured output is not supported by this server yet",
     "audio": "audio output is not supported by this server",
     "modalities": "only text output is supported by this server",
     "prediction": "predicted outputs are not supported by this server",
@@ -63,56 +66,8 @@ UNSUPPORTED: dict[str, str] = {
     "web_search_options": "web search is not supported by this server",
     "echo": "echo is supported on /v1/completions only",
     "typical_p": "typical sampling is not supported by this server",
-    "grammar": "grammar-constrained generation is not supported by this server yet",
     "adapter_id": "LoRA adapters are not supported by this server yet",
 }
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _strings_are_unicode(value: Any) -> None:
-    """Refuse lone UTF-16 surrogates ("\\ud800" in JSON) anywhere in a body: they are not
-    Unicode, so no tokenizer can read them and no response can contain them."""
-    if isinstance(value, str):
-        if _has_surrogate(value):
-            raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode")
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _strings_are_unicode(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _strings_are_unicode(key)
-            _strings_are_unicode(item)
-    elif isinstance(value, BaseModel):
-        for _, item in value:
-            _strings_are_unicode(item)
-        _strings_are_unicode(value.model_extra or {})
-
-
-class Body(BaseModel):
-    """A request body: strict types, unknown fields refused, text checked to be Unicode."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    @model_validator(mode="after")
-    def _unicode_only(self) -> Body:
-        for name, value in self:
-            try:
-                _strings_are_unicode(value)
-            except ValueError as exc:
-                raise ValueError(f"{name}: {exc}") from None
-        return self
-
-
-def finite(**constraints: Any) -> Any:
-    """A float Field with ``constraints`` that refuses NaN and the infinities."""
-    return Field(allow_inf_nan=False, **constraints)
 
 
 Temperature = Annotated[float, finite(ge=0)]
@@ -165,6 +120,13 @@ class SamplingFields(Body):
     stream: bool = False
     stream_options: StreamOptions | None = None  # only with stream: true
     user: str | None = None  # an end-user id; it changes nothing in the output
+    # Structured outputs: at most one of these (server/constraints.py)
+    response_format: ResponseFormat | None = None  # OpenAI's
+    structured_outputs: StructuredOutputsField | None = None  # vLLM's current form
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older fields
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -230,6 +192,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0)] | None = None  # at most --max-logprobs
     add_generation_prompt: bool = True
+    tools: Annotated[list[Tool], Field(min_length=1)] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True  # False: at most one call per reply
 
 
 class UsageInfo(BaseModel):
@@ -295,6 +260,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -318,6 +284,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from crossinfer.server.responses import (
     usage,
     vllm_prompt_logprobs,
 )
+from crossinfer.server.tool_stream import ToolStream
+from crossinfer.server.tools import ToolPlan, finish_reason
 
 logger = logging.getLogger("crossinfer.server")
 
@@ -55,6 +57,7 @@ class StreamSpec:
     n: int  # samples per prompt: prompt i's sample j is choice i * n + j
     choice: ChoiceSpec  # logprobs, echo and prompt logprobs, as the request asked
     include_usage: bool = False
+    tools: ToolPlan = ToolPlan()  # chat: the tools the replies may call
 
     @property
     def tokens(self) -> TokenText:
@@ -134,18 +137,28 @@ async def chat_events(stream: OutputStream, spec: StreamSpec) -> AsyncIterator[s
             role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
             yield sse(_chat_chunk(spec, [role]))
         scored: set[str] = set()  # requests whose prompt logprobs were sent
+        calls: dict[int, ToolStream] = {}  # choice index -> its tool calls, when tools apply
         async for output in stream:
             for index, completion, _ in tracker.updates(output):
                 sampled = new_logprobs(completion)
+                finished = completion.finish_reason is not None
+                if spec.tools.mode == "none":
+                    delta = DeltaMessage(content=completion.delta)
+                    reason = completion.finish_reason
+                else:
+                    tool_stream = calls.setdefault(index, ToolStream(spec.tools))
+                    content, tool_calls = tool_stream.feed(completion.delta, finished)
+                    delta = DeltaMessage(content=content, tool_calls=tool_calls)
+                    reason = finish_reason(completion.finish_reason, tool_stream.called)
                 choice = ChatStreamChoice(
                     index=index,
-                    delta=DeltaMessage(content=completion.delta),
+                    delta=delta,
                     logprobs=(
                         chat_logprobs(spec.tokens, sampled)
                         if spec.choice.logprobs is not None
                         else None
                     ),
-                    finish_reason=completion.finish_reason,
+                    finish_reason=reason,
                 )
                 chunk = _chat_chunk(spec, [choice])
                 num_top = spec.choice.prompt_logprobs

@@ -20,6 +20,7 @@ from crossinfer.sampling_params import (
     TOP_K_MAX,
 )
 from crossinfer.server.protocol import Body, Count, Penalty, StopString, finite
+from crossinfer.server.structured_protocol import TGIGrammar
 
 _FALSE: dict[str, Any] = {"const": False}
 
@@ -53,6 +54,7 @@ class TGIParameters(Body):
     details: bool = False
     decoder_input_details: bool = False  # the prompt tokens with their logprobs
     return_full_text: bool = False
+    grammar: TGIGrammar | None = None  # the output matches a JSON schema or a regex
 
 
 class TGIGenerateRequest(Body):
