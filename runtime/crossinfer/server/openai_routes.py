@@ -10,6 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from crossinfer.engine.async_engine import OutputStream
 from crossinfer.engine.outputs import RequestOutput
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.context import ClientDisconnected, ServerContext, now
 from crossinfer.server.errors import ERROR_RESPONSES
@@ -62,10 +63,11 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         params: SamplingParams,
         options: StreamOptions | None,
         choice: ChoiceSpec,
+        lora: LoRARequest | None,
     ) -> StreamSpec:
         return StreamSpec(
             response_id=response_id,
-            model=ctx.settings.served_model_name,
+            model=ctx.settings.served_model_name if lora is None else lora.lora_name,
             created=now(),
             n=params.n,
             choice=choice,
@@ -86,13 +88,24 @@ def openai_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models() -> ModelList:
+        base = ctx.settings.served_model_name
         card = ModelCard(
-            id=ctx.settings.served_model_name,
+            id=base,
             created=ctx.created,
             root=ctx.settings.model_path,
             max_model_len=ctx.engine.max_model_len,
         )
-        return ModelList(data=[card])
+        adapters = [
+            ModelCard(
+                id=lora.lora_name,
+                created=ctx.created,
+                root=lora.lora_path,
+                parent=base,
+                max_model_len=ctx.engine.max_model_len,
+            )
+            for lora in ctx.adapters.all()
+        ]
+        return ModelList(data=[card, *adapters])
 
     @router.post(
         "/v1/completions",
@@ -100,11 +113,13 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         responses=_json_or_events(CompletionResponse, "the completion"),
     )
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
-        ctx.check_model(body.model)
+        lora = ctx.check_model(body.model)
         params = ctx.params.completion(body)
         prompts = await ctx.prompts.completion_prompts(body.prompt)
         response_id = ctx.new_id("cmpl")
-        requests = ctx.prompts.requests(response_id, prompts, params, Names(), body.cache_salt)
+        requests = ctx.prompts.requests(
+            response_id, prompts, params, Names(), body.cache_salt, lora
+        )
         stream = await ctx.submit(requests, {"*": "prompt"})
         choice = ChoiceSpec(
             tokens=tokens,
@@ -113,7 +128,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             logprobs=body.logprobs,
             prompt_logprobs=body.prompt_logprobs,
         )
-        spec = stream_spec(response_id, params, body.stream_options, choice)
+        spec = stream_spec(response_id, params, body.stream_options, choice, lora)
         if body.stream:
             return StreamingResponse(completion_events(stream, spec), media_type=MEDIA_TYPE)
         return await answer(stream, request, lambda outputs: _completion_response(spec, outputs))
@@ -124,7 +139,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         responses=_json_or_events(ChatCompletionResponse, "the chat completion"),
     )
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-        ctx.check_model(body.model)
+        lora = ctx.check_model(body.model)
         params = ctx.params.chat(body)
         prompt = await ctx.prompts.chat_prompt(body.messages, body.add_generation_prompt)
         response_id = ctx.new_id("chatcmpl")
@@ -132,7 +147,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             prompt="messages",
             max_tokens="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
         )
-        requests = ctx.prompts.requests(response_id, [prompt], params, names, body.cache_salt)
+        requests = ctx.prompts.requests(response_id, [prompt], params, names, body.cache_salt, lora)
         stream = await ctx.submit(requests, {"*": "messages"})
         choice = ChoiceSpec(
             tokens=tokens,
@@ -140,7 +155,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             logprobs=params.logprobs,
             prompt_logprobs=body.prompt_logprobs,
         )
-        spec = stream_spec(response_id, params, body.stream_options, choice)
+        spec = stream_spec(response_id, params, body.stream_options, choice, lora)
         if body.stream:
             return StreamingResponse(chat_events(stream, spec), media_type=MEDIA_TYPE)
         return await answer(stream, request, lambda outputs: _chat_response(spec, outputs))

@@ -348,6 +348,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "crossinfer"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's card)
     max_model_len: int | None = None
 
 

@@ -53,6 +53,7 @@ class TGIParameters(Body):
     details: bool = False
     decoder_input_details: bool = False  # the prompt tokens with their logprobs
     return_full_text: bool = False
+    adapter_id: Annotated[str, Field(min_length=1)] | None = None  # a LoRA adapter's name
 
 
 class TGIGenerateRequest(Body):
