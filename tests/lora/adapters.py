@@ -31,10 +31,21 @@ ADAPTERS: dict[str, dict[str, Any]] = {
     "all": dict(
         r=8,
         lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
     ),
     "rs": dict(
-        r=16, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "o_proj", "up_proj", "down_proj"]
+        r=16,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["k_proj", "o_proj", "up_proj", "down_proj"],
     ),
 }
 SHARED = list(range(10, 34))  # three blocks of 8
