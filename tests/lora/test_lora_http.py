@@ -85,8 +85,8 @@ def test_adapters_load_list_alternate_and_unload(server: str, adapters: Adapters
     for model, prompt in (("qv", 0), ("all", 0), (BASE, 1), ("qv", 1), ("all", 2), ("qv", 0)):
         assert complete(model, prompt) == _text(adapters, None if model == BASE else model, prompt)
 
-    tgi = _post(server, "/generate", {"inputs": "w7 w8 w9 w60", "parameters": {
-        "adapter_id": "all", "max_new_tokens": NEW_TOKENS, "decoder_input_details": False}})  # fmt: skip
+    parameters = {"adapter_id": "all", "max_new_tokens": NEW_TOKENS}
+    tgi = _post(server, "/generate", {"inputs": "w7 w8 w9 w60", "parameters": parameters})
     assert tgi.status_code == 200
     assert tgi.json()["generated_text"].strip() == _text(adapters, "all", 2)
 
