@@ -18,6 +18,11 @@ from crossinfer.server.errors import ERROR_RESPONSES, APIError
 from crossinfer.server.protocol import Body
 
 Name = Annotated[str, Field(min_length=1, max_length=256)]
+# vLLM answers success in plain text; errors are JSON in the OpenAI error shape.
+_RESPONSES = {
+    **ERROR_RESPONSES,
+    200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
 
 
 class LoadLoRAAdapterRequest(Body):
@@ -31,9 +36,9 @@ class UnloadLoRAAdapterRequest(Body):
 
 
 def lora_router(ctx: ServerContext) -> APIRouter:
-    router = APIRouter(responses=ERROR_RESPONSES)
+    router = APIRouter(responses=_RESPONSES)
 
-    @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+    @router.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
         name = body.lora_name
         if name == ctx.settings.served_model_name or ctx.adapters.get(name) is not None:
@@ -46,7 +51,7 @@ def lora_router(ctx: ServerContext) -> APIRouter:
         await ctx.load_adapter(name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+    @router.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
         lora = ctx.adapters.remove(body.lora_name)
         if lora is None:
