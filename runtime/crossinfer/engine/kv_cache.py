@@ -199,10 +199,9 @@ class KVCacheManager:
         holds at least that many ids. A first call may pass ``cached`` (from
         `find_cached_prefix` with the same tokens, ``extra_key`` and ``lora_int_id``, with no
         allocation in between that could evict it): those blocks become the request's first
-        blocks. Every
-        block that is full within ``num_tokens`` gets its hash registered, when prefix caching
-        is on. Returns a copy of the request's whole block list, or None, changing nothing,
-        when there are not enough free blocks.
+        blocks. Every block that is full within ``num_tokens`` gets its hash registered, when
+        prefix caching is on. Returns a copy of the request's whole block list, or None,
+        changing nothing, when there are not enough free blocks.
         """
         prefix = cached if cached is not None else _NO_PREFIX
         if not prefix.num_tokens <= num_tokens <= len(token_ids):
