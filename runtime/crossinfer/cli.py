@@ -112,6 +112,13 @@ def _add_bench(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     bench_args.add_serve_bench_arguments(serve)
     serve.set_defaults(run=_run_bench_serve)
+    lora = kinds.add_parser(
+        "lora", help="throughput with random LoRA adapters mixed, against the base model"
+    )
+    add_device_argument(lora)
+    add_engine_arguments(lora)
+    bench_args.add_lora_bench_arguments(lora)
+    lora.set_defaults(run=_run_bench_lora)
     quality = kinds.add_parser(
         "quality", help="a quantisation's greedy agreement and logprob error against the model"
     )
@@ -123,6 +130,12 @@ def _add_bench(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 def _run_bench_throughput(args: argparse.Namespace) -> int:
     from crossinfer.commands.bench_throughput import run
+
+    return run(args)
+
+
+def _run_bench_lora(args: argparse.Namespace) -> int:
+    from crossinfer.commands.bench_lora import run
 
     return run(args)
 

@@ -100,6 +100,28 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "for benchmarks of models not on disk",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters beside the base model: a request names one, and requests of "
+        "different adapters run in the same batch",
+    )
+    parser.add_argument(
+        "--max-loras",
+        type=int,
+        default=1,
+        help="LoRA adapters resident on the device at once, and so in one step (default 1)",
+    )
+    parser.add_argument(
+        "--max-lora-rank", type=int, default=16, help="largest LoRA rank accepted (default 16)"
+    )
+    parser.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="LoRA adapters kept in host memory, read again from their folder beyond it "
+        "(default: --max-loras)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -124,4 +146,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization,
         load_format=args.load_format,
         seed=args.seed,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )

@@ -10,6 +10,7 @@ from crossinfer.engine.errors import RequestFailedError
 from crossinfer.engine.llm_engine import LLMEngine
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.setup import EngineConfig, LoadedModel
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -47,9 +48,12 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids) together; outputs in prompt order.
-        Raises RequestFailedError, after the others finished, if a request failed."""
+        ``lora_request``: one adapter for every prompt, or one (or None: the base model) per
+        prompt; needs ``LLM(enable_lora=True)``. Raises RequestFailedError, after the others
+        finished, if a request failed."""
         prompt_list = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             param_list = [params or SamplingParams()] * len(prompt_list)
@@ -57,9 +61,17 @@ class LLM:
             param_list = list(params)
         if len(param_list) != len(prompt_list):
             raise ValueError(f"{len(prompt_list)} prompts but {len(param_list)} SamplingParams")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompt_list)
+        else:
+            lora_list = list(lora_request)
+        if len(lora_list) != len(prompt_list):
+            raise ValueError(f"{len(prompt_list)} prompts but {len(lora_list)} LoRA requests")
         ids = [str(next(self._ids)) for _ in prompt_list]
-        for request_id, prompt, p in zip(ids, prompt_list, param_list, strict=True):
-            self.engine.add_request(request_id, prompt, p)
+        for request_id, prompt, p, lora in zip(
+            ids, prompt_list, param_list, lora_list, strict=True
+        ):
+            self.engine.add_request(request_id, prompt, p, lora_request=lora)
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():

@@ -33,6 +33,17 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
 
 
+def add_lora_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=_positive, default=32)
+    parser.add_argument("--input-len", type=_positive, default=128)
+    parser.add_argument("--output-len", type=_positive, default=64)
+    parser.add_argument(
+        "--lora-adapters", type=_positive, default=4, help="random adapters mixed (default 4)"
+    )
+    parser.add_argument("--lora-rank", type=_positive, default=16, help="their rank (default 16)")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
+
+
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=_positive, default=50, help="at most 50")
     parser.add_argument("--output-len", type=_positive, default=64)

@@ -21,6 +21,7 @@ from typing import Any
 
 from crossinfer.engine.errors import EngineFatalError
 from crossinfer.engine.frontend import (
+    ENGINE_CALLS,
     HEALTH_POLL_S,
     EngineClient,
     EngineDeadError,
@@ -33,6 +34,7 @@ from crossinfer.engine.frontend import (
     post,
     resolve,
     scheduler_stats,
+    settle,
 )
 from crossinfer.engine.llm_engine import LLMEngine
 from crossinfer.engine.output_stream import OutputStream
@@ -48,9 +50,18 @@ class _Add:
     accepted: asyncio.Future[None]
 
 
-# A command for the engine thread: add a batch, or abort a request id. Applied in FIFO order,
-# so an abort posted after an add (a caller cancelled while waiting) always finds the request.
-_Command = _Add | str
+@dataclass
+class _Call:
+    method: str  # of EngineCore, one of ENGINE_CALLS
+    args: tuple[Any, ...]
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[Any]
+
+
+# A command for the engine thread: add a batch, abort a request id, or call the core. Applied in
+# FIFO order, so an abort posted after an add (a caller cancelled while waiting) always finds
+# the request.
+_Command = _Add | _Call | str
 
 
 class AsyncLLMEngine(EngineClient):
@@ -130,6 +141,18 @@ class AsyncLLMEngine(EngineClient):
             self._commands.append(request_id)
             self._cond.notify()
 
+    async def _call(self, method: str, *args: Any) -> Any:
+        assert method in ENGINE_CALLS, method
+        self.start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        with self._cond:
+            if self._error is not None or self._stopping:
+                raise self._dead_error()
+            self._commands.append(_Call(method, args, loop, done))
+            self._cond.notify()
+        return await done
+
     # -- the engine thread ------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -166,6 +189,14 @@ class AsyncLLMEngine(EngineClient):
                 self.engine.abort_request(command)
                 self._hub.forget(command)
                 continue
+            if isinstance(command, _Call):
+                try:
+                    result = getattr(self.engine.core, command.method)(*command.args)
+                except Exception as exc:
+                    post(command.loop, settle, command.done, None, exc)
+                else:
+                    post(command.loop, settle, command.done, result, None)
+                continue
             error = admit(
                 command.requests,
                 self.max_waiting,
@@ -187,6 +218,7 @@ class AsyncLLMEngine(EngineClient):
             request.params,
             prompt_text=request.prompt_text,
             cache_salt=request.cache_salt,
+            lora_request=request.lora_request,
         )
 
     def _fail(self, error: BaseException) -> None:
@@ -198,6 +230,8 @@ class AsyncLLMEngine(EngineClient):
         for add in pending:
             if isinstance(add, _Add):
                 post(add.sink.loop, resolve, add.accepted, dead)
+            elif isinstance(add, _Call):
+                post(add.loop, settle, add.done, None, dead)
         self._hub.fail_all(dead)
 
     def _snapshot(self) -> EngineStats:

@@ -22,6 +22,7 @@ from crossinfer.engine.runner import StepResult
 from crossinfer.engine.sampler import SampledToken, make_generator
 from crossinfer.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from crossinfer.engine.setup import EngineParts
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger("crossinfer.engine")
@@ -66,14 +67,18 @@ class EngineCore:
         params: SamplingParams,
         *,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a request. Raises ValueError (with the reason) when it can never run.
         ``cache_salt`` keeps the request's prefix-cache blocks apart from those of requests
-        with another salt."""
+        with another salt; ``lora_request`` runs it under that adapter (read now if it is
+        not in host memory)."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = list(prompt_ids)
         max_tokens = self._check(prompt_ids, params)
+        if lora_request is not None:
+            self.add_lora(lora_request)
         seed = params.seed
         request = Request(
             request_id=request_id,
@@ -87,6 +92,7 @@ class EngineCore:
                 for i in range(1, params.n)
             ],
             cache_salt=cache_salt,
+            lora=lora_request,
         )
         group = RequestGroup(request_id, params)
         self._groups[request_id] = group
@@ -132,6 +138,21 @@ class EngineCore:
                 f"leave {room} of the maximum context length {max_len}"
             )
         return max_tokens
+
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Read and check an adapter and keep it in host memory; raises ValueError naming the
+        file and the reason when it cannot run on this model, or when LoRA is off."""
+        manager = self.runner.lora
+        if manager is None:
+            raise ValueError(
+                f"LoRA adapter {lora.lora_name!r}: LoRA is not enabled; start the engine with "
+                "--enable-lora (LLM(enable_lora=True))"
+            )
+        manager.add(lora)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter's weights in host memory; False if they were not there."""
+        return self.runner.lora is not None and self.runner.lora.remove(lora_int_id)
 
     def _track(self, group: RequestGroup, request: Request) -> None:
         sample = Sample(request)
@@ -304,6 +325,7 @@ class EngineCore:
             parent_id=parent.request_id,
             index=index,
             cache_salt=parent.cache_salt,
+            lora=parent.lora,
         )
         child.metrics.first_token_time = parent.metrics.first_token_time
         child.num_cached_tokens = parent.num_cached_tokens

@@ -27,6 +27,7 @@ import zmq
 from crossinfer.engine.core_process import CoreInfo, open_socket, put, run_engine_core
 from crossinfer.engine.errors import EngineFatalError
 from crossinfer.engine.frontend import (
+    ENGINE_CALLS,
     HEALTH_POLL_S,
     EngineClient,
     EngineDeadError,
@@ -36,6 +37,7 @@ from crossinfer.engine.frontend import (
     StreamHub,
     post,
     resolve,
+    settle,
 )
 from crossinfer.engine.output_processor import OutputProcessor
 from crossinfer.engine.setup import EngineConfig
@@ -69,6 +71,7 @@ class ProcessEngine(EngineClient):
         self._lock = threading.Lock()  # processor, hub, pending, the send socket, _error
         self._pending: dict[int, tuple[Sequence[str], Sink, asyncio.Future[None]]] = {}
         self._batch_ids = itertools.count()
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._stats = info.stats
         self._thread: threading.Thread | None = None
         atexit.register(self.shutdown)  # a non-daemonic child must not outlive us
@@ -173,6 +176,21 @@ class ProcessEngine(EngineClient):
                     self._forget(request_id)
                 raise EngineDeadError("the engine-core process does not take requests")
 
+    async def _call(self, method: str, *args: Any) -> Any:
+        assert method in ENGINE_CALLS, method
+        self.start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        with self._lock:
+            if self._error is not None or self._stopping:
+                raise self._dead_error()
+            call_id = next(self._batch_ids)
+            self._calls[call_id] = (loop, done)
+            if not put(self._send, ("call", call_id, method, args)):
+                del self._calls[call_id]
+                raise EngineDeadError("the engine-core process does not take calls")
+        return await done
+
     def _with_ids(self, request: GenerateRequest) -> GenerateRequest:
         if not isinstance(request.prompt, str):
             return request
@@ -217,6 +235,10 @@ class ProcessEngine(EngineClient):
             self._set_stats(message[1])
         elif kind == "accepted":
             self._accepted(message[1], message[2])
+        elif kind == "called":
+            with self._lock:
+                loop, done = self._calls.pop(message[1])
+            post(loop, settle, done, message[2], message[3])
         elif kind == "dead":
             raise EngineFatalError(message[1])
         else:
@@ -255,9 +277,12 @@ class ProcessEngine(EngineClient):
                 return
             self._error = error
             pending, self._pending = self._pending, {}
+            calls, self._calls = self._calls, {}
         dead = self._notify_stop(error)
         for _, sink, accepted in pending.values():
             post(sink.loop, resolve, accepted, dead)
+        for loop, done in calls.values():
+            post(loop, settle, done, None, dead)
         with self._lock:
             self._hub.fail_all(dead)
 

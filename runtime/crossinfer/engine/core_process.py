@@ -9,9 +9,11 @@ block on a slow reader, messages arrive whole, and a poll with a timeout is one 
 what a step loop that must also notice dead ranks and a dead parent needs.
 
 Messages to the core: ``("add", batch_id, requests, max_waiting)``, ``("abort", request_id)``,
-``("stop", request_id, index)`` (a stop string ended that sample) and ``("shutdown",)``.
-From the core: ``("ready", CoreInfo)`` or ``("failed", message)`` once, then
-``("accepted", batch_id, refusal or None)``, ``("outputs", [CoreOutput], EngineStats)``,
+``("stop", request_id, index)`` (a stop string ended that sample), ``("call", call_id, method,
+args)`` (an ``ENGINE_CALLS`` method of the core, such as loading a LoRA adapter) and
+``("shutdown",)``. From the core: ``("ready", CoreInfo)`` or ``("failed", message)`` once, then
+``("accepted", batch_id, refusal or None)``, ``("called", call_id, result, error or None)``,
+``("outputs", [CoreOutput], EngineStats)``,
 ``("stats", EngineStats)`` and, if the engine breaks, ``("dead", message)``.
 """
 
@@ -31,6 +33,7 @@ import zmq
 from crossinfer.engine.core import EngineCore
 from crossinfer.engine.errors import EngineFatalError
 from crossinfer.engine.frontend import (
+    ENGINE_CALLS,
     HEALTH_POLL_S,
     EngineStats,
     GenerateRequest,
@@ -197,6 +200,14 @@ class _CoreServer:
                 core.abort_request(command[1])
             elif kind == "stop":
                 core.stop_sample(command[1], command[2])
+            elif kind == "call":
+                _, call_id, method, args = command
+                assert method in ENGINE_CALLS, method
+                try:
+                    result, error = getattr(core, method)(*args), None
+                except Exception as exc:  # the caller's error (a bad adapter folder): theirs
+                    result, error = None, exc
+                self._put(("called", call_id, result, error))
             elif kind == "shutdown":
                 return False
             else:
@@ -206,7 +217,11 @@ class _CoreServer:
     def _add(self, request: GenerateRequest) -> None:
         assert not isinstance(request.prompt, str), "the API server sends token ids"
         self.core.add_request(
-            request.request_id, request.prompt, request.params, cache_salt=request.cache_salt
+            request.request_id,
+            request.prompt,
+            request.params,
+            cache_salt=request.cache_salt,
+            lora_request=request.lora_request,
         )
 
     def _stats(self) -> EngineStats:

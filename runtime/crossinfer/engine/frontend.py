@@ -15,9 +15,11 @@ from crossinfer.engine.errors import EngineFatalError, RequestError
 from crossinfer.engine.output_stream import Observer, OutputStream, StreamItem
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.scheduler import Scheduler
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+ENGINE_CALLS = frozenset({"add_lora", "remove_lora"})  # what _call may run in the engine core
 
 logger = logging.getLogger("crossinfer.engine")
 HEALTH_POLL_S = 1.0  # while idle, how often the engine checks that its ranks are alive
@@ -41,6 +43,7 @@ class GenerateRequest:
     params: SamplingParams
     prompt_text: str | None = None  # the text of token-id prompts, if any
     cache_salt: str | None = None  # see LLMEngine.add_request
+    lora_request: LoRARequest | None = None  # the adapter, or None for the base model
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,16 @@ def resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """``resolve`` for a future with a result: the result, or the error."""
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 def post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> bool:
     """Run ``callback(*args)`` on ``loop`` soon; False when the loop is already closed."""
     try:
@@ -310,6 +323,19 @@ class EngineClient(ABC):
                 yield output
         finally:
             stream.close()
+
+    async def add_lora(self, lora: LoRARequest) -> None:
+        """Read and check an adapter in the engine; raises ValueError with the reason."""
+        await self._call("add_lora", lora)
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        """Forget an adapter's weights in the engine's host memory."""
+        await self._call("remove_lora", lora_int_id)
+
+    @abstractmethod
+    async def _call(self, method: str, *args: Any) -> Any:
+        """Run ``EngineCore.<method>(*args)`` (one of ``ENGINE_CALLS``) between steps, on the
+        engine's thread or process; returns its result or raises what it raised."""
 
     @abstractmethod
     def _submit(

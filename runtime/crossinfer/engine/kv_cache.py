@@ -10,8 +10,9 @@ only. The runner turns ids into block tables and slot mappings; no tensor is tou
 Automatic prefix caching: every FULL block gets a chained hash of (its parent block's hash,
 its token ids), so a hash identifies the block's content together with everything before it.
 The first block's parent is the manager's root, mixed with the request's ``extra_key`` (a
-tenant's cache salt, an adapter, ...) when it has one, so identical tokens under different
-keys never share blocks. A block is registered when it becomes full within ``num_tokens``,
+tenant's cache salt) and its LoRA adapter's id when it has them, so identical tokens under
+different keys or adapters never share blocks (an adapter computes other keys and values).
+ A block is registered when it becomes full within ``num_tokens``,
 that is when the step that writes it is scheduled: a request admitted later in the same step
 may reuse it because every layer writes the step's KV before it attends.
 
@@ -123,14 +124,26 @@ class KVCacheManager:
         """Fraction of blocks held by at least one request."""
         return 1.0 - self._pool.num_free_blocks / self.num_blocks
 
-    def first_parent(self, extra_key: str | None = None) -> BlockHash:
-        """The parent hash of a sequence's first block under ``extra_key``."""
-        if not extra_key:
-            return self._root
-        return hashlib.sha256(self._root + extra_key.encode("utf-8", "surrogatepass")).digest()
+    def first_parent(
+        self, extra_key: str | None = None, lora_int_id: int | None = None
+    ) -> BlockHash:
+        """The parent hash of a sequence's first block under ``extra_key`` and adapter
+        ``lora_int_id``. The adapter is hashed in a step of its own (a salt's text cannot
+        spell it)."""
+        parent = self._root
+        if extra_key:
+            parent = hashlib.sha256(parent + extra_key.encode("utf-8", "surrogatepass")).digest()
+        if lora_int_id is not None:
+            parent = hashlib.sha256(
+                parent + b"\xfflora" + array("q", [lora_int_id]).tobytes()
+            ).digest()
+        return parent
 
     def find_cached_prefix(
-        self, token_ids: Sequence[int], extra_key: str | None = None
+        self,
+        token_ids: Sequence[int],
+        extra_key: str | None = None,
+        lora_int_id: int | None = None,
     ) -> CachedPrefix:
         """The longest run of leading full blocks of ``token_ids`` found in the cache. Pure.
 
@@ -141,7 +154,7 @@ class KVCacheManager:
             return _NO_PREFIX
         size = self.block_size
         block_ids: list[int] = []
-        parent = self.first_parent(extra_key)
+        parent = self.first_parent(extra_key, lora_int_id)
         for start in range(0, (max(len(token_ids), 1) - 1) // size * size, size):
             parent = hash_block_tokens(parent, token_ids[start : start + size])
             block_id = self._pool.lookup(parent)
@@ -178,16 +191,17 @@ class KVCacheManager:
         num_tokens: int,
         cached: CachedPrefix | None = None,
         extra_key: str | None = None,
+        lora_int_id: int | None = None,
     ) -> list[int] | None:
         """Make ``request_id`` own blocks covering its first ``num_tokens`` tokens.
 
         ``num_tokens`` is the request's computed-token count after this step; ``token_ids``
         holds at least that many ids. A first call may pass ``cached`` (from
-        `find_cached_prefix` with the same tokens and ``extra_key``, with no allocation in
-        between that could evict it): those blocks become the request's first blocks. Every
-        block that is full within ``num_tokens`` gets its hash registered, when prefix caching
-        is on. Returns a copy of the request's whole block list, or None, changing nothing,
-        when there are not enough free blocks.
+        `find_cached_prefix` with the same tokens, ``extra_key`` and ``lora_int_id``, with no
+        allocation in between that could evict it): those blocks become the request's first
+        blocks. Every block that is full within ``num_tokens`` gets its hash registered, when
+        prefix caching is on. Returns a copy of the request's whole block list, or None,
+        changing nothing, when there are not enough free blocks.
         """
         prefix = cached if cached is not None else _NO_PREFIX
         if not prefix.num_tokens <= num_tokens <= len(token_ids):
@@ -198,12 +212,14 @@ class KVCacheManager:
         state = self._requests.get(request_id)
         # Validate before the capacity check so that misuse is reported, not hidden by a None.
         prefix_hashes = (
-            [] if state is not None else self._check_prefix(prefix, token_ids, extra_key)
+            []
+            if state is not None
+            else self._check_prefix(prefix, token_ids, self.first_parent(extra_key, lora_int_id))
         )
         if not self.can_allocate(request_id, num_tokens, prefix):
             return None
         if state is None:
-            root = self.first_parent(extra_key)
+            root = self.first_parent(extra_key, lora_int_id)
             state = self._admit(request_id, len(token_ids), prefix, prefix_hashes, root)
         for _ in range(self.num_blocks_needed(request_id, num_tokens)):
             state.block_ids.append(self._pool.take_free())
@@ -282,7 +298,7 @@ class KVCacheManager:
         return len(cached.block_ids)
 
     def _check_prefix(
-        self, prefix: CachedPrefix, token_ids: Sequence[int], extra_key: str | None
+        self, prefix: CachedPrefix, token_ids: Sequence[int], root: BlockHash
     ) -> list[BlockHash]:
         """Hashes of the prefix blocks, after checking they still hold these tokens."""
         if not prefix.block_ids:
@@ -294,7 +310,7 @@ class KVCacheManager:
                 f"(prefix caching on: {self.enable_prefix_caching}, block_size={size})"
             )
         hashes: list[BlockHash] = []
-        parent = self.first_parent(extra_key)
+        parent = root
         for i, block_id in enumerate(prefix.block_ids):
             parent = hash_block_tokens(parent, token_ids[i * size : (i + 1) * size])
             if self._pool.block_hash(block_id) != parent:

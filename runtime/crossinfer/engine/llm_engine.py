@@ -10,6 +10,7 @@ from crossinfer.engine.grammar import check_constraint
 from crossinfer.engine.output_processor import OutputProcessor
 from crossinfer.engine.outputs import RequestOutput
 from crossinfer.engine.setup import EngineConfig, EngineParts, LoadedModel, build_engine_parts
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 
 
@@ -49,12 +50,14 @@ class LLMEngine:
         *,
         prompt_text: str | None = None,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a request. Raises ValueError (with the reason) when it can never run.
 
         ``prompt`` is text (tokenised here) or token ids; with token ids, ``prompt_text`` is
         the text they came from, if any (outputs carry it). ``cache_salt`` keeps the
-        request's prefix-cache blocks apart from those of requests with another salt.
+        request's prefix-cache blocks apart from those of requests with another salt;
+        ``lora_request`` runs it under that adapter.
         """
         check_constraint(params.structured_outputs)  # a bad schema fails here, not in a step
         if isinstance(prompt, str):
@@ -62,7 +65,9 @@ class LLMEngine:
             prompt_ids = list(self.tokenizer.encode(prompt, add_special_tokens=True))
         else:
             prompt_ids = list(prompt)
-        self.core.add_request(request_id, prompt_ids, params, cache_salt=cache_salt)
+        self.core.add_request(
+            request_id, prompt_ids, params, cache_salt=cache_salt, lora_request=lora_request
+        )
         self.processor.add(request_id, prompt_text, prompt_ids, params)
 
     def abort_request(self, request_id: str) -> None:

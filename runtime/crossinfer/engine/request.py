@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 
 
@@ -71,6 +72,8 @@ class Request:
     cache_salt: str | None = None
     """Mixed into the prefix-cache hashes: requests share cached blocks only under the same
     salt (vLLM's ``cache_salt``; a tenant's own namespace)."""
+    lora: LoRARequest | None = None
+    """The adapter the request runs under, or None for the base model."""
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
@@ -86,6 +89,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def lora_int_id(self) -> int | None:
+        return None if self.lora is None else self.lora.lora_int_id
 
     @property
     def num_prompt_tokens(self) -> int:

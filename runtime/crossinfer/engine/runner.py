@@ -22,6 +22,7 @@ from crossinfer.engine.prompt_logprobs import ROWS_PER_SLICE, PromptScores, scor
 from crossinfer.engine.sampler import SampledToken, SamplingError, SamplingRow, sample
 from crossinfer.engine.scheduler import ScheduledChunk, SchedulerOutput
 from crossinfer.engine.static_batch import all_shapes, build_padded_step
+from crossinfer.lora.manager import LoRAManager
 from crossinfer.models.llama import LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class ModelRunner:
         static: StaticShapes | None = None,
         max_logprobs: int = 20,
         samples: bool = True,
+        lora: LoRAManager | None = None,
     ) -> None:
         self.model = model
         self.backend = backend
@@ -67,6 +69,7 @@ class ModelRunner:
         # False on a tensor-parallel worker: its logits are computed (the LM head gathers
         # them, a collective every rank takes part in) and rank 0 alone samples.
         self.samples = samples
+        self.lora = lora  # the model's adapters (--enable-lora), placed in slots each step
         self.workers: WorkerGroup | None = None  # ranks that mirror every call (rank 0 only)
         self.grammars: GrammarStates | None = None  # structured outputs' matchers (the core's)
         self._graphs_seen: int | None = None  # compiled graphs counted after the warm-up
@@ -107,6 +110,10 @@ class ModelRunner:
             return self._execute_padded(output.chunks, self.static)
         input_ids, positions = self._inputs(output.chunks)
         query_lens = [c.num_new_tokens for c in output.chunks]
+        if self.lora is not None:
+            self.lora.prepare(
+                [(c.request.lora, c.num_new_tokens) for c in output.chunks], self.device
+            )
         batch = build_attention_batch(
             query_lens=query_lens,
             seq_lens=[c.num_computed_tokens + c.num_new_tokens for c in output.chunks],

@@ -35,6 +35,9 @@ class SchedulerConfig:
     """Order each step's decodes before its prefill chunks."""
     split_prefill_decode: bool = False
     """Never schedule prefill chunks and decodes in the same step."""
+    max_loras: int = 1
+    """Most distinct LoRA adapters in one step (the device slots); requests of further
+    adapters wait for a later step."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class Scheduler:
             if decode_step is not None and _is_decoding(request) != decode_step:
                 index += 1  # the other kind's turn comes in another step
                 continue
+            if not self._lora_fits(request, chunks):
+                index += 1  # its adapter has no slot in this step
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             try:
                 block_ids = self._allocate_or_preempt(request, num_new, preempted)
@@ -202,7 +208,11 @@ class Scheduler:
         target = request.num_computed_tokens + num_new
         while True:
             block_ids = self.kv_cache.allocate(
-                request.request_id, request.token_ids, target, extra_key=request.cache_salt
+                request.request_id,
+                request.token_ids,
+                target,
+                extra_key=request.cache_salt,
+                lora_int_id=request.lora_int_id,
             )
             if block_ids is not None:
                 return block_ids
@@ -228,9 +238,14 @@ class Scheduler:
         decode_step: bool | None = None,
     ) -> int:
         """Admit from the head of the queue; with ``decode_step`` set, only while the head is
-        of that kind (a resumed request with all but its last token cached is a decode)."""
+        of that kind (a resumed request with all but its last token cached is a decode).
+        A request whose adapter finds no slot in this step is passed over, keeping its place."""
+        passed_over: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if not self._lora_fits(request, chunks):
+                passed_over.append(self.waiting.popleft())
+                continue
             try:
                 cached = self._cached_prefix(request)
                 if decode_step is not None and _decodes_from(request, cached.num_tokens) != (
@@ -244,6 +259,7 @@ class Scheduler:
                     cached.num_tokens + num_new,
                     cached,
                     extra_key=request.cache_salt,
+                    lora_int_id=request.lora_int_id,
                 )
             except Exception as exc:  # this request's bookkeeping failed: drop it alone
                 self._fail(request, exc, failed)
@@ -260,14 +276,26 @@ class Scheduler:
             self.running.append(request)
             chunks.append(self._chunk(request, num_new, block_ids))
             budget -= num_new
+        self.waiting.extendleft(reversed(passed_over))
         return budget
+
+    def _lora_fits(self, request: Request, chunks: list[ScheduledChunk]) -> bool:
+        """Whether the request's adapter (if any) can run in the step so far: it is in the
+        step already, or a slot is left."""
+        lora = request.lora_int_id
+        if lora is None:
+            return True
+        step = {c.request.lora_int_id for c in chunks} - {None}
+        return lora in step or len(step) < self.config.max_loras
 
     def _cached_prefix(self, request: Request) -> CachedPrefix:
         # Prompt logprobs need every prompt position's logits, so such a request computes its
         # whole prompt (it still registers its blocks for others).
         if request.params.prompt_logprobs is not None:
             return _NO_PREFIX
-        return self.kv_cache.find_cached_prefix(request.token_ids, request.cache_salt)
+        return self.kv_cache.find_cached_prefix(
+            request.token_ids, request.cache_salt, request.lora_int_id
+        )
 
     @staticmethod
     def _chunk(request: Request, num_new: int, block_ids: list[int]) -> ScheduledChunk:

@@ -20,6 +20,7 @@ from crossinfer.engine.scheduler import Scheduler, SchedulerConfig
 from crossinfer.engine.workers import RunnerSpec, SpawnedWorkers, WorkerGroup, local_init_method
 from crossinfer.loader import ModelFiles, open_model
 from crossinfer.loader.dummy import fill_random, open_dummy_model
+from crossinfer.lora.manager import LoRAConfig, LoRAManager
 from crossinfer.models.llama import LlamaArgs, LlamaForCausalLM
 from crossinfer.models.registry import build_model
 from crossinfer.registry import resolve_device
@@ -75,6 +76,19 @@ class EngineConfig:
     """auto: read the weights from ``model``; dummy: random weights from a config alone
     (``model`` is a folder with a config.json, or a built-in shape; loader/dummy.py)."""
     seed: int = 0
+    enable_lora: bool = False
+    """Wrap the projections in LoRA layers, so requests may name adapters (crossinfer.lora)."""
+    max_loras: int = 1
+    """Adapters resident on the device at once, so in one step (vLLM's --max-loras)."""
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    """Adapters kept in host memory; None: max_loras."""
+
+    @property
+    def lora_config(self) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,8 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     workers: WorkerGroup | None = None
     """Ranks 1 .. N-1 under tensor parallelism (this process is rank 0)."""
+    lora: LoRAManager | None = None
+    """The model's LoRA layers and adapters, when loaded with enable_lora."""
 
 
 @dataclass(frozen=True)
@@ -152,13 +168,15 @@ def load_shard(config: EngineConfig, backend: Backend, tp: TensorParallel) -> Lo
     else:
         # Each rank reads only its slices (safetensors), or slices each tensor as it is made.
         model.load_weights(files.iter_weights(select=model.shards.select), whole=False)
+    lora_config = config.lora_config
+    # Before the backend's swaps, so that they reach the base linear inside each LoRA layer.
+    lora = None if lora_config is None else LoRAManager(model, lora_config)
     if config.quantization is not None:
         model = backend.quantize_model(model, config.quantization)  # type: ignore[assignment]
     model = backend.prepare_model(model)  # type: ignore[assignment]
     tokenizer = files.load_tokenizer()
-    return LoadedModel(
-        backend, files, model, tokenizer, dtype, max_model_len, _eos_ids(files, tokenizer)
-    )
+    eos = _eos_ids(files, tokenizer)
+    return LoadedModel(backend, files, model, tokenizer, dtype, max_model_len, eos, lora=lora)
 
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -231,6 +249,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         config.max_num_batched_tokens, config.max_num_seqs, max_model_len, block_size
     )
     static = backend.static_shapes(limits)
+    _check_lora(config, loaded, static is not None)
     limits = _fit_limits(limits, static, backend.name)
     num_blocks = _num_kv_blocks(config, backend, spec, max_model_len)
     if static is not None and not 0 <= static.pad_block < num_blocks:
@@ -268,9 +287,16 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         max_model_len=max_model_len,
         decode_first=static is not None and static.decode_first,
         split_prefill_decode=static is not None and static.split_prefill_decode,
+        max_loras=config.max_loras,
     )
     runner = ModelRunner(
-        loaded.model, backend, kv_caches, block_size, static, max_logprobs=config.max_logprobs
+        loaded.model,
+        backend,
+        kv_caches,
+        block_size,
+        static,
+        max_logprobs=config.max_logprobs,
+        lora=loaded.lora if config.enable_lora else None,
     )
     if loaded.workers is not None:  # the other ranks build theirs, then mirror every call
         loaded.workers.send(
@@ -295,6 +321,26 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         scheduler=Scheduler(scheduler_config, kv_manager),
         runner=runner,
     )
+
+
+def _check_lora(config: EngineConfig, loaded: LoadedModel, static: bool) -> None:
+    """Refuse LoRA where it cannot run: on a model loaded without its layers, or on a
+    compiled-shape backend (the update has no padded form yet)."""
+    if not config.enable_lora:
+        return
+    if loaded.lora is None:
+        raise ValueError(
+            "enable_lora: the model was loaded without LoRA layers; load it with enable_lora"
+        )
+    if loaded.lora.config != config.lora_config:
+        raise ValueError(
+            f"the model's LoRA layers were built for {loaded.lora.config}, not {config.lora_config}"
+        )
+    if static:
+        raise ValueError(
+            f"--enable-lora: the {loaded.backend.name} backend runs compiled static shapes, "
+            "which LoRA does not support yet"
+        )
 
 
 def _fit_limits(limits: EngineLimits, static: StaticShapes | None, name: str) -> EngineLimits:

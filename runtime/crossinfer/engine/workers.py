@@ -278,4 +278,5 @@ def _build_runner(loaded: Any, spec: RunnerSpec) -> Any:
         spec.static,
         spec.max_logprobs,
         samples=False,
+        lora=loaded.lora,
     )

@@ -10,9 +10,11 @@ from fastapi.responses import Response
 
 import crossinfer
 from crossinfer.engine.frontend import EngineClient
+from crossinfer.server.adapters import ServedAdapters
 from crossinfer.server.context import ServerContext, ServerSettings, now
 from crossinfer.server.errors import APIError, install_error_handlers
 from crossinfer.server.guards import RequestGuard
+from crossinfer.server.lora_routes import lora_router
 from crossinfer.server.metrics import CONTENT_TYPE, ServerMetrics
 from crossinfer.server.openai_routes import openai_router
 from crossinfer.server.openapi import install_openapi
@@ -63,6 +65,8 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        for name, path in settings.lora_modules:  # --lora-modules: a bad one stops the start
+            await ctx.load_adapter(name, path)
         yield
         prompts.close()
 
@@ -81,6 +85,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         params=ParamsBuilder(limits, max_logprobs),
         prompts=prompts,
         created=now(),
+        adapters=ServedAdapters(),
     )
     install_error_handlers(app)
     app.add_middleware(
@@ -90,7 +95,7 @@ def build_app(engine: EngineClient, settings: ServerSettings) -> FastAPI:
         max_concurrent=limits.max_concurrent_requests,
         retry_after_s=settings.retry_after_s,
     )
-    for router in (openai_router, tokenize_router, tgi_router, _system_router):
+    for router in (openai_router, tokenize_router, tgi_router, lora_router, _system_router):
         app.include_router(router(ctx))
     install_openapi(app, limits, vocab_size, max_logprobs)
     return app

@@ -22,6 +22,8 @@ from crossinfer.engine.frontend import (
 )
 from crossinfer.engine.output_stream import OutputStream
 from crossinfer.engine.outputs import RequestOutput
+from crossinfer.lora.request import LoRARequest
+from crossinfer.server.adapters import ServedAdapters
 from crossinfer.server.errors import APIError, bad_request, stream_error
 from crossinfer.server.limits import ServerLimits
 from crossinfer.server.metrics import ServerMetrics
@@ -39,6 +41,7 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1  # the Retry-After of a 429 / 503 when the server is full
     limits: ServerLimits = ServerLimits()
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, folder): adapters served at start
 
 
 class ClientDisconnected(Exception):
@@ -56,21 +59,41 @@ class ServerContext:
     params: ParamsBuilder
     prompts: PromptService
     created: int  # when the server started (the model card's ``created``)
+    adapters: ServedAdapters  # the LoRA adapters served by name
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless ``model`` is the served name (or absent)."""
-        if model is not None and model != self.settings.served_model_name:
+    def check_model(self, model: str | None, param: str = "model") -> LoRARequest | None:
+        """The adapter ``model`` names, None for the served model (or absent); 404 for any
+        other name."""
+        if model is None or model == self.settings.served_model_name:
+            return None
+        lora = self.adapters.get(model)
+        if lora is None:
+            names = [self.settings.served_model_name] + [a.lora_name for a in self.adapters.all()]
             raise APIError(
                 404,
                 f"the model {model!r} does not exist; this server serves "
-                f"{self.settings.served_model_name!r}",
-                param="model",
+                f"{', '.join(map(repr, names))}",
+                param=param,
                 code="model_not_found",
             )
+        return lora
+
+    async def load_adapter(self, name: str, path: str) -> LoRARequest:
+        """Have the engine read and check an adapter folder, then serve it as ``name``; 400
+        with the engine's reason when the folder cannot run on this model."""
+        lora = self.adapters.new(name, path)
+        try:
+            await self.engine.add_lora(lora)
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead") from exc
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="lora_path", code="invalid_value") from exc
+        self.adapters.add(lora)
+        return lora
 
     @staticmethod
     def new_id(prefix: str) -> str:

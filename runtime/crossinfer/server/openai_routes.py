@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -11,6 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from crossinfer.engine.async_engine import OutputStream
 from crossinfer.engine.outputs import RequestOutput
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.context import ClientDisconnected, ServerContext, now
 from crossinfer.server.errors import ERROR_RESPONSES
@@ -35,7 +35,7 @@ from crossinfer.server.responses import (
     vllm_prompt_logprobs,
 )
 from crossinfer.server.streaming import MEDIA_TYPE, StreamSpec, chat_events, completion_events
-from crossinfer.server.tools import finish_reason, parse_reply, plan_tools
+from crossinfer.server.tools import ToolPlan, finish_reason, parse_reply, plan_tools
 
 # A client that closed the connection gets no answer; the status only shows in access logs.
 _CLIENT_CLOSED = 499
@@ -64,14 +64,17 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         params: SamplingParams,
         options: StreamOptions | None,
         choice: ChoiceSpec,
+        lora: LoRARequest | None,
+        tools: ToolPlan | None = None,
     ) -> StreamSpec:
         return StreamSpec(
             response_id=response_id,
-            model=ctx.settings.served_model_name,
+            model=ctx.settings.served_model_name if lora is None else lora.lora_name,
             created=now(),
             n=params.n,
             choice=choice,
             include_usage=bool(options and options.include_usage),
+            tools=tools or ToolPlan(),
         )
 
     async def answer(
@@ -88,13 +91,24 @@ def openai_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def list_models() -> ModelList:
+        base = ctx.settings.served_model_name
         card = ModelCard(
-            id=ctx.settings.served_model_name,
+            id=base,
             created=ctx.created,
             root=ctx.settings.model_path,
             max_model_len=ctx.engine.max_model_len,
         )
-        return ModelList(data=[card])
+        adapters = [
+            ModelCard(
+                id=lora.lora_name,
+                created=ctx.created,
+                root=lora.lora_path,
+                parent=base,
+                max_model_len=ctx.engine.max_model_len,
+            )
+            for lora in ctx.adapters.all()
+        ]
+        return ModelList(data=[card, *adapters])
 
     @router.post(
         "/v1/completions",
@@ -102,11 +116,13 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         responses=_json_or_events(CompletionResponse, "the completion"),
     )
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
-        ctx.check_model(body.model)
+        lora = ctx.check_model(body.model)
         params = ctx.params.completion(body)
         prompts = await ctx.prompts.completion_prompts(body.prompt)
         response_id = ctx.new_id("cmpl")
-        requests = ctx.prompts.requests(response_id, prompts, params, Names(), body.cache_salt)
+        requests = ctx.prompts.requests(
+            response_id, prompts, params, Names(), body.cache_salt, lora
+        )
         stream = await ctx.submit(requests, {"*": "prompt"})
         choice = ChoiceSpec(
             tokens=tokens,
@@ -115,7 +131,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             logprobs=body.logprobs,
             prompt_logprobs=body.prompt_logprobs,
         )
-        spec = stream_spec(response_id, params, body.stream_options, choice)
+        spec = stream_spec(response_id, params, body.stream_options, choice, lora)
         if body.stream:
             return StreamingResponse(completion_events(stream, spec), media_type=MEDIA_TYPE)
         return await answer(stream, request, lambda outputs: _completion_response(spec, outputs))
@@ -126,7 +142,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
         responses=_json_or_events(ChatCompletionResponse, "the chat completion"),
     )
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-        ctx.check_model(body.model)
+        lora = ctx.check_model(body.model)
         tools = plan_tools(body)
         params = ctx.params.chat(body, tools)
         prompt = await ctx.prompts.chat_prompt(
@@ -137,7 +153,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             prompt="messages",
             max_tokens="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
         )
-        requests = ctx.prompts.requests(response_id, [prompt], params, names, body.cache_salt)
+        requests = ctx.prompts.requests(response_id, [prompt], params, names, body.cache_salt, lora)
         stream = await ctx.submit(requests, {"*": "messages"})
         choice = ChoiceSpec(
             tokens=tokens,
@@ -145,7 +161,7 @@ def openai_router(ctx: ServerContext) -> APIRouter:
             logprobs=params.logprobs,
             prompt_logprobs=body.prompt_logprobs,
         )
-        spec = replace(stream_spec(response_id, params, body.stream_options, choice), tools=tools)
+        spec = stream_spec(response_id, params, body.stream_options, choice, lora, tools)
         if body.stream:
             return StreamingResponse(chat_events(stream, spec), media_type=MEDIA_TYPE)
         return await answer(stream, request, lambda outputs: _chat_response(spec, outputs))

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import jinja2
 
 from crossinfer.engine.async_engine import GenerateRequest
+from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 from crossinfer.server.errors import APIError
 from crossinfer.server.limits import ServerLimits
@@ -155,6 +156,7 @@ class PromptService:
         params: SamplingParams,
         names: Names,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> list[GenerateRequest]:
         """One engine request per prompt, each within the token limits; a prompt without
         max_tokens gets the rest of --max-total-tokens."""
@@ -172,7 +174,9 @@ class PromptService:
                 else replace(params, max_tokens=max_tokens)
             )
             requests.append(
-                GenerateRequest(request_id, prompt.token_ids, own, prompt.text, cache_salt)
+                GenerateRequest(
+                    request_id, prompt.token_ids, own, prompt.text, cache_salt, lora_request
+                )
             )
         return requests
 

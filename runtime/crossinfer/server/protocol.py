@@ -66,7 +66,7 @@ UNSUPPORTED: dict[str, str] = {
     "web_search_options": "web search is not supported by this server",
     "echo": "echo is supported on /v1/completions only",
     "typical_p": "typical sampling is not supported by this server",
-    "adapter_id": "LoRA adapters are not supported by this server yet",
+    "adapter_id": "TGI's field; the OpenAI routes choose an adapter by `model`",
 }
 
 
@@ -315,6 +315,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "crossinfer"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's card)
     max_model_len: int | None = None
 
 

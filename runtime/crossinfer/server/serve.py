@@ -59,7 +59,25 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the engine's step loop on a thread of the server's process instead of an "
         "engine-core process of its own (one process; for debugging)",
     )
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        type=_lora_module,
+        metavar="NAME=PATH",
+        help="LoRA adapters served from the start (PEFT folders), as NAME=PATH or JSON "
+        '{"name": ..., "path": ...}; a request names one as its model (needs --enable-lora)',
+    )
     add_limit_arguments(parser)
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    from crossinfer.server.adapters import parse_lora_module
+
+    try:
+        return parse_lora_module(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         max_body_bytes=args.max_body_bytes,
         limits=limits_from_args(args),
+        lora_modules=tuple(args.lora_modules),
     )
     logger.info(
         "serving %s (max_model_len %d) on http://%s:%d%s",

@@ -55,6 +55,7 @@ class TGIParameters(Body):
     decoder_input_details: bool = False  # the prompt tokens with their logprobs
     return_full_text: bool = False
     grammar: TGIGrammar | None = None  # the output matches a JSON schema or a regex
+    adapter_id: Annotated[str, Field(min_length=1)] | None = None  # a LoRA adapter's name
 
 
 class TGIGenerateRequest(Body):

@@ -54,6 +54,7 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
 
     async def prepare(body: TGIGenerateRequest) -> OutputStream:
         parameters = body.parameters
+        lora = ctx.check_model(parameters.adapter_id, "parameters.adapter_id")
         params = ctx.params.tgi(parameters)
         ids = await ctx.prompts.encode(body.inputs, "inputs")
         if parameters.truncate is not None:
@@ -67,7 +68,7 @@ def tgi_router(ctx: ServerContext) -> APIRouter:
                 )
             ids = ids[-parameters.truncate :]
         requests = ctx.prompts.requests(
-            ctx.new_id("tgi"), [Prompt(ids, body.inputs)], params, _NAMES
+            ctx.new_id("tgi"), [Prompt(ids, body.inputs)], params, _NAMES, lora_request=lora
         )
         return await ctx.submit(requests, {"*": "inputs"})
 
