@@ -105,6 +105,18 @@ def sampling_fields(max_logprobs_field: str) -> dict[str, tuple[list[Any], list[
             [[VOCAB - 1], [0] * stops, []],
             [[-1], [VOCAB], [2**63], [0] * (stops + 1), [1.5], ["1"], [True], 5],
         ),
+        "response_format": (
+            [{"type": "text"}, {"type": "json_object"}, JSON_SCHEMA_FORMAT],
+            [{"type": "json_schema"}, {"type": "xml"}, {"type": "text", "x": 1}, "json"],
+        ),
+        "structured_outputs": (
+            [{"regex": "[a-z]+"}, {"choice": ["a", "b"]}, {"json": {"type": "object"}}],
+            [{}, {"regex": "("}, {"regex": "a", "choice": ["b"]}, {"structural_tag": "x"}, "x"],
+        ),
+        "guided_json": ([{"type": "object"}, '{"type": "integer"}'], ["{oops", {"type": 5}, 5]),
+        "guided_regex": (["[0-9]+"], ["(", "", 5]),
+        "guided_choice": ([["a", "b"]], [[], [""], "a", [1]]),
+        "guided_grammar": (['root ::= "a"'], ["root ::= b", 5]),
         "logit_bias": (
             [{"0": -100, str(VOCAB - 1): 100}, {}],
             [
@@ -134,7 +146,12 @@ def sampling_fields(max_logprobs_field: str) -> dict[str, tuple[list[Any], list[
     }
 
 
-UNSUPPORTED = ["response_format", "tools", "tool_choice", "suffix", "typical_p", "functions"]
+UNSUPPORTED = ["suffix", "typical_p", "functions", "guided_whitespace_pattern"]
+JSON_SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "x", "schema": {"type": "object"}},
+}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 UNKNOWN = ["foo", "temprature", "maxTokens"]
 
 
@@ -204,6 +221,13 @@ def chat_cases() -> Iterator[Case]:
     yield from (Case(CHAT, "logprobs", v, True) for v in [True, False])
     yield from (Case(CHAT, "logprobs", v, False) for v in [1, "true"])
     yield Case(CHAT, "top_logprobs", 1, False)  # without logprobs: true
+    yield Case(CHAT, "tools", None, True)  # with tools the prompt outgrows this server's limit
+    bad_tools = [[], "x", [{"type": "function"}], [TOOL, TOOL], [{"type": "code", "function": {}}]]
+    yield from (Case(CHAT, "tools", v, False) for v in bad_tools)
+    yield from (Case(CHAT, "tool_choice", v, True) for v in ["none", None])
+    yield from (Case(CHAT, "tool_choice", v, False) for v in ["required", "sometimes", {}, 1])
+    yield from (Case(CHAT, "parallel_tool_calls", v, True) for v in [True, False])
+    yield from (Case(CHAT, "parallel_tool_calls", v, False) for v in ["yes", 1])
     yield from (Case(CHAT, "add_generation_prompt", v, True) for v in [False])
     yield from (Case(CHAT, "add_generation_prompt", v, False) for v in [0])
     user = {"role": "user", "content": "Hi"}
@@ -254,11 +278,16 @@ def tgi_cases(path: str) -> Iterator[Case]:
         "details": ([True], [1]),
         "decoder_input_details": ([True], ["yes"]),
         "return_full_text": ([True], [1]),
+        "adapter_id": ([None], ["", 5, ["a"]]),
+        "grammar": (
+            [{"type": "regex", "value": "[a-z]+"}, {"type": "json", "value": {"type": "object"}}],
+            [{"type": "regex", "value": "("}, {"type": "xml", "value": "a"}, {"type": "json"}],
+        ),
     }
     for field, (at, beyond) in fields.items():
         yield from (Case(path, f"parameters.{field}", v, True) for v in at)
         yield from (Case(path, f"parameters.{field}", v, False) for v in beyond)
-    for field in ["typical_p", "grammar", "adapter_id", "foo"]:
+    for field in ["typical_p", "foo"]:
         yield Case(path, f"parameters.{field}", 0.5, False)
     yield from (Case(path, "inputs", v, True) for v in ["x", "word " * 39])
     for v in ["", 5, None, ["a"], "\ud800", "word " * 41, _DROP]:
