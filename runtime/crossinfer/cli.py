@@ -119,6 +119,13 @@ def _add_bench(sub: Subparsers[argparse.ArgumentParser]) -> None:
     add_engine_arguments(lora)
     bench_args.add_lora_bench_arguments(lora)
     lora.set_defaults(run=_run_bench_lora)
+    structured = kinds.add_parser(
+        "structured", help="throughput with half the requests under a JSON schema, and none"
+    )
+    add_device_argument(structured)
+    add_engine_arguments(structured)
+    bench_args.add_structured_bench_arguments(structured)
+    structured.set_defaults(run=_run_bench_structured)
     quality = kinds.add_parser(
         "quality", help="a quantisation's greedy agreement and logprob error against the model"
     )
@@ -136,6 +143,12 @@ def _run_bench_throughput(args: argparse.Namespace) -> int:
 
 def _run_bench_lora(args: argparse.Namespace) -> int:
     from crossinfer.commands.bench_lora import run
+
+    return run(args)
+
+
+def _run_bench_structured(args: argparse.Namespace) -> int:
+    from crossinfer.commands.bench_structured import run
 
     return run(args)
 

@@ -44,6 +44,22 @@ def add_lora_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
 
 
+def add_structured_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=_positive, default=32)
+    parser.add_argument("--input-len", type=_positive, default=128)
+    parser.add_argument("--output-len", type=_positive, default=64)
+    parser.add_argument(
+        "--structured-share",
+        type=float,
+        default=0.5,
+        help="the share of requests under a JSON schema (default 0.5)",
+    )
+    parser.add_argument(
+        "--rounds", type=_positive, default=3, help="timed runs of each, interleaved"
+    )
+    parser.add_argument("--json", dest="json_path", default=None, help="also write JSON here")
+
+
 def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=_positive, default=50, help="at most 50")
     parser.add_argument("--output-len", type=_positive, default=64)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from crossinfer.commands.bench_throughput import Figure, _prompts
+from crossinfer.commands.bench_throughput import Figure, random_prompts
 from crossinfer.engine.setup import EngineConfig, LoadedModel, load_model
 from crossinfer.lora.adapter import CONFIG_FILE, MODULES, WEIGHTS_FILE
 from crossinfer.lora.request import LoRARequest
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     figures = []
     with tempfile.TemporaryDirectory(prefix="crossinfer-lora-bench-") as root:
         plain = load_model(replace(config, enable_lora=False))
-        prompts = _prompts(plain, args.num_prompts, args.input_len, args.seed + 1)
+        prompts = random_prompts(plain, args.num_prompts, args.input_len, args.seed + 1)
         figures.append(_timed("base model, no LoRA layers", plain, config, prompts, args, []))
         del plain
         loaded = load_model(lora_config)

@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(config)
     # Warm-up and every round draw their own prompts: a round never reads the prefix cache of
     # another (with one set, later rounds would find every prompt cached).
-    warmup = _prompts(loaded, 2, args.input_len, args.seed)
+    warmup = random_prompts(loaded, 2, args.input_len, args.seed)
     rounds = [
-        _prompts(loaded, args.num_prompts, args.input_len, args.seed + 1 + i)
+        random_prompts(loaded, args.num_prompts, args.input_len, args.seed + 1 + i)
         for i in range(args.rounds)
     ]
     prompts = rounds[0]
@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompts(loaded: LoadedModel, num: int, length: int, seed: int) -> list[list[int]]:
+def random_prompts(loaded: LoadedModel, num: int, length: int, seed: int) -> list[list[int]]:
+    """``num`` prompts of ``length`` random token ids, none of them special."""
     gen = torch.Generator().manual_seed(seed)
     vocab = loaded.model.args.vocab_size
     special = set(loaded.tokenizer.all_special_ids)
