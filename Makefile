@@ -46,7 +46,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint $(XLA_STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 bench: $(STAMP)
 	$(BIN)/crossinfer bench throughput

@@ -135,10 +135,10 @@ def test_scheduling_failing_for_one_request_fails_it_alone(
     kv = llm.engine.scheduler.kv_cache
     lookup = kv.find_cached_prefix
 
-    def failing_lookup(token_ids: Any, extra_key: Any = None) -> Any:
+    def failing_lookup(token_ids: Any, *keys: Any) -> Any:
         if POISON in token_ids:
             raise KeyError("planted bookkeeping fault")
-        return lookup(token_ids, extra_key)
+        return lookup(token_ids, *keys)
 
     monkeypatch.setattr(kv, "find_cached_prefix", failing_lookup)
     out = run(llm, {**PROMPTS, "b": [POISON, 1, 2]}, {})
