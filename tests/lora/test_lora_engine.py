@@ -108,3 +108,14 @@ def test_int8_base_weights_with_an_adapter_stay_close_to_fp32(adapters: Adapters
         errors += [abs(a - b) for a, b in zip(reference, quantized, strict=True)]
     assert 0 < sum(errors) / len(errors) < 0.05, errors
     assert max(errors) < 0.5, errors
+
+
+def test_compiled_shape_backends_refuse_lora_at_start(adapters: Adapters) -> None:
+    from crossinfer.engine.setup import EngineConfig, load_model
+    from tests.engine.static_backend import StaticCpuBackend
+
+    config = EngineConfig(model=str(adapters.base), enable_lora=True, max_model_len=128)
+    loaded = load_model(config, StaticCpuBackend())  # the layers load; the engine refuses
+    with pytest.raises(ValueError, match="static-cpu backend runs compiled static shapes"):
+        LLM(model=str(adapters.base), device="cpu", loaded=loaded, enable_lora=True,
+            max_model_len=128)  # fmt: skip
