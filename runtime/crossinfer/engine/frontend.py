@@ -195,16 +195,12 @@ class StreamHub:
 
 
 def resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled meanwhile
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+    """``settle`` for a future without a result."""
+    settle(future, None, error)
 
 
 def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    """``resolve`` for a future with a result: the result, or the error."""
+    """Set ``future``'s result, or its error, unless the caller was cancelled meanwhile."""
     if future.done():  # the caller was cancelled meanwhile
         return
     if error is None:
