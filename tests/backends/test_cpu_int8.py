@@ -101,3 +101,49 @@ def test_the_native_ends_give_the_torch_path_exactly() -> None:
     assert torch.allclose(fast(x), reference(x), rtol=1e-6, atol=1e-6)
     strided = torch.randn(9, 400)[:, :200]  # rows with a stride: native too
     assert torch.allclose(fast(strided), reference(strided), rtol=1e-6, atol=1e-6)
+
+
+def _vnni_library():
+    from crossinfer_cpu import native
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    if not lib.int8_gemm_available():
+        pytest.skip("the native kernels were built without AVX-512 VNNI")
+    return lib
+
+
+# rows: tiles of 4 with every remainder, and more than one chunk of 96 rows; out_features:
+# panels of 4 blocks of 16 columns with every remainder
+@pytest.mark.parametrize("rows", [1, 3, 6, 37, 200])
+@pytest.mark.parametrize("out_features", [16, 48, 80, 112])
+def test_the_vnni_kernel_is_the_signed_integer_gemm(rows: int, out_features: int) -> None:
+    lib = _vnni_library()
+    torch.manual_seed(rows * out_features)
+    plain = nn.Linear(200, out_features)
+    layer = Int8Linear(plain, lib)
+    assert layer.packed
+    x = torch.randn(rows, 200) * torch.logspace(-2, 2, 200)
+    wq, w_scale = quantize_per_channel(plain.weight)
+    xq, x_scale = quantize_rows(x)
+    exact = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double()
+    exact += plain.bias.double()
+    got = layer(x)
+    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got, Int8Linear(plain)(x), rtol=1e-6, atol=1e-6)  # the _int_mm path
+
+
+def test_the_packed_layer_takes_strided_and_bf16_rows_and_gives_its_weight_back() -> None:
+    lib = _vnni_library()
+    torch.manual_seed(1)
+    plain = nn.Linear(64, 32, bias=False)
+    layer, reference = Int8Linear(plain, lib), Int8Linear(plain)
+    strided = torch.randn(5, 128)[:, :64]
+    assert torch.allclose(layer(strided), reference(strided), rtol=1e-6, atol=1e-6)
+    xb = torch.randn(3, 64).to(torch.bfloat16)
+    assert layer(xb).dtype == torch.bfloat16
+    assert torch.equal(layer(xb), reference(xb))
+    assert torch.equal(layer.dequantized_weight(), reference.dequantized_weight())
+    odd = Int8Linear(nn.Linear(64, 40), lib)  # 40 columns do not tile by 16: _int_mm's layout
+    assert not odd.packed and odd(strided).shape == (5, 40)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -26,6 +30,19 @@ def lib():
     if lib is None:
         pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
     return lib
+
+
+CAN_BUILD = sys.platform == "linux" and shutil.which("cc") is not None
+TURNED_OFF = os.environ.get(native.NATIVE_ENV) == "0"
+
+
+@pytest.mark.skipif(
+    not CAN_BUILD or TURNED_OFF,
+    reason="the native kernels are built on Linux with a C compiler, when not turned off",
+)
+def test_the_native_kernels_build_where_they_can() -> None:
+    """Every kernel test below skips when the build fails: this one says why instead."""
+    assert native.library() is not None, native.why_unavailable()
 
 
 def _norm(hidden: int, seed: int) -> RMSNorm:

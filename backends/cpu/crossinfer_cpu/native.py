@@ -5,7 +5,9 @@ compiler, cached, and called through ctypes.
 * ``pointwise.c``: RMSNorm (with the residual add), rotary embedding, SiLU-and-multiply and
   the KV-cache write, each one pass over memory;
 * ``quantize.c``: the two ends of an int8 linear layer (activation rows to int8, int32 sums
-  back to floats).
+  back to floats);
+* ``int8_gemm.c``: a whole int8 linear layer on AVX-512 VNNI over a weight packed at load
+  (the rows quantised, the GEMM, the scales and bias applied in its last step).
 
 Plain C, not a torch C++ extension: no torch headers to compile against, so it builds in
 about a second. It is linked against the OpenMP runtime torch already loaded (same soname),
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 NATIVE_ENV = "CROSSINFER_CPU_NATIVE"
-_SOURCES = ("paged_decode.c", "pointwise.c", "quantize.c")
+_SOURCES = ("paged_decode.c", "pointwise.c", "quantize.c", "int8_gemm.c")
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -51,6 +53,8 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "write_kv": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _INT], None),
     "quantize_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT], None),
     "dequantize_sums": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _INT], None),
+    "int8_gemm_available": ([], _INT),
+    "int8_linear": ([_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _INT], _INT),
 }
 
 
@@ -76,7 +80,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     sources = {name: package.joinpath(name).read_bytes() for name in _SOURCES}
     try:
         lib = ctypes.CDLL(str(_build(compiler, sources)))
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except subprocess.CalledProcessError as exc:
+        errors = exc.stderr.decode(errors="replace").strip().splitlines()[-5:]
+        return None, "could not build the native kernels: " + " | ".join(errors or [str(exc)])
+    except OSError as exc:
         return None, f"could not build the native kernels: {exc}"
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)

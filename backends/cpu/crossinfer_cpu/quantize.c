@@ -10,6 +10,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define QMAX 127.0f
@@ -22,27 +23,33 @@ static int threads_for(int64_t elements, int num_threads)
     return useful < num_threads ? (int)useful : num_threads;
 }
 
-/* q[r] = round(x[r] * 127 / absmax(x[r])), scale[r] = absmax(x[r]) / 127; q is [rows, cols]
- * contiguous, x rows may be strided. An all-zero row gets zeros (absmax is clamped to
- * FLT_MIN, as torch clamps it to finfo.tiny). */
+/* One row: q = round(x * 127 / absmax(x)), returns the scale absmax(x) / 127 and, when sum is
+ * not NULL, stores the sum of q (int8_gemm.c takes it off its unsigned-weight sums). An
+ * all-zero row gets zeros (absmax is clamped to FLT_MIN, as torch clamps it to finfo.tiny). */
+float quantize_row(int8_t *restrict q, const float *restrict x, int64_t cols, int32_t *sum)
+{
+    float amax = 0.0f;
+    for (int64_t i = 0; i < cols; i++) amax = fmaxf(amax, fabsf(x[i]));
+    if (amax < FLT_MIN) amax = FLT_MIN;
+    const float inv = QMAX / amax;
+    int32_t total = 0;
+    for (int64_t i = 0; i < cols; i++) {
+        float v = nearbyintf(x[i] * inv);
+        v = fminf(fmaxf(v, -QMAX), QMAX);
+        q[i] = (int8_t)v;
+        total += (int32_t)v;
+    }
+    if (sum) *sum = total;
+    return amax / QMAX;
+}
+
+/* quantize_row for each row: q is [rows, cols] contiguous, x rows may be strided. */
 void quantize_rows(int8_t *q, float *scale, const float *x, int64_t x_stride, int64_t rows,
                    int64_t cols, int num_threads)
 {
 #pragma omp parallel for num_threads(threads_for(rows * cols, num_threads)) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *restrict xr = x + r * x_stride;
-        int8_t *restrict qr = q + r * cols;
-        float amax = 0.0f;
-        for (int64_t i = 0; i < cols; i++) amax = fmaxf(amax, fabsf(xr[i]));
-        if (amax < FLT_MIN) amax = FLT_MIN;
-        const float inv = QMAX / amax;
-        scale[r] = amax / QMAX;
-        for (int64_t i = 0; i < cols; i++) {
-            float v = nearbyintf(xr[i] * inv);
-            v = fminf(fmaxf(v, -QMAX), QMAX);
-            qr[i] = (int8_t)v;
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        scale[r] = quantize_row(q + r * cols, x + r * x_stride, cols, NULL);
 }
 
 /* out[r][c] = acc[r][c] * row_scale[r] * col_scale[c] (+ bias[c]); all contiguous; bias may
