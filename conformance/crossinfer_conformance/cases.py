@@ -188,6 +188,13 @@ def _kernels(_caps: CapsInfo) -> list[Case]:
         for d, bs, h in copies
     ]
     mixed = SHAPES["mixed"]
+    # A cache narrower than the activations (--kv-cache-dtype): keys and values are stored in
+    # the cache's dtype and attention reads them back; the reference reads what was stored.
+    cases += [
+        Case(f"L2-attention-{v}-fp32-kvbf16-bs16-h64-gqa2", "L2", "attention", "fp32", "bf16",
+             16, 64, 2, SHAPES[v])
+        for v in ("mixed", "long")
+    ]  # fmt: skip
     cases += [
         Case("L2-native-attention-mixed-fp32-bs16-h64-gqa2", "L2", "native_attention",
              "fp32", "", 16, 64, 2, mixed),

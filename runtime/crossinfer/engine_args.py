@@ -92,6 +92,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "`crossinfer backends`",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="dtype of the KV cache: auto (the model's dtype), bfloat16, float16, float32, "
+        "fp8 (e4m3), fp8_e5m2, where the backend supports it (`crossinfer backends`). "
+        "bfloat16 under an fp32 model halves the cache's bytes and what decode reads",
+    )
+    parser.add_argument(
         "--load-format",
         choices=("auto", "dummy"),
         default="auto",
@@ -144,6 +151,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         load_format=args.load_format,
         seed=args.seed,
         enable_lora=args.enable_lora,

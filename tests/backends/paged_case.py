@@ -44,14 +44,17 @@ def paged_case(
     head_size: int,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> PagedCase:
     """Sequences given as (tokens already cached, new tokens) on shuffled blocks; earlier
-    steps wrote the cached part, this step's keys are written like the engine does."""
+    steps wrote the cached part, this step's keys are written like the engine does. A
+    ``kv_dtype`` narrower than ``dtype`` rounds what is stored: the answer is computed from
+    the rounded keys and values."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [done + new for done, new in shapes]
     blocks_needed = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(blocks_needed) + 2
-    spec = KVCacheSpec(1, KV_HEADS, head_size, block_size, dtype)
+    spec = KVCacheSpec(1, KV_HEADS, head_size, block_size, kv_dtype or dtype)
     (cache,) = backend.allocate_kv_cache(spec, num_blocks)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables, at = [], 0
@@ -82,8 +85,12 @@ def paged_case(
     )
     queries = [rand(new, KV_HEADS * group) for _, new in shapes]
     scale = head_size**-0.5
+    stored = kv_dtype or dtype
     expected = torch.cat(
-        [dense_attention(q, k, v, scale) for q, k, v in zip(queries, keys, values, strict=True)]
+        [
+            dense_attention(q, k.to(stored), v.to(stored), scale)
+            for q, k, v in zip(queries, keys, values, strict=True)
+        ]
     )
     return PagedCase(torch.cat(queries).to(device), cache, batch, scale, expected)
 

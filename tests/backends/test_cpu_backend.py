@@ -48,8 +48,24 @@ def test_many_decode_sequences_match_dense(group: int, cpu_kernels: str) -> None
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 
 
-def test_native_decode_only_for_fp32_caches() -> None:
-    """A bf16 cache runs the PyTorch path (the kernel is fp32 only) and still matches."""
+@pytest.mark.parametrize("shapes", [SHAPES, [(n * 7 % 61, 1) for n in range(40)]])
+def test_a_bf16_cache_under_fp32_activations(shapes: list, cpu_kernels: str) -> None:
+    """--kv-cache-dtype bfloat16: stored rounded, read back widened (the native decode kernel
+    reads bf16 in place), fp32 arithmetic: the answer over the rounded keys, to fp32 accuracy."""
+    backend = CpuBackend()
+    case = paged_case(backend, shapes, 16, 3, 64, seed=9, kv_dtype=torch.bfloat16)
+    assert case.cache.dtype == torch.bfloat16
+    out = backend.attention(case.query, case.cache, case.batch, case.scale)
+    planned = backend._planned
+    assert planned is not None
+    decode_group = next(g for g in planned[1].groups if g.rows.shape[1] == 1)
+    assert (decode_group.native is not None) == (cpu_kernels == "native")
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_activations_run_the_pytorch_path() -> None:
+    """bf16 tokens (the native kernels take fp32 ones) run the PyTorch path and still match."""
     backend = CpuBackend()
     case = paged_case(backend, [(40, 1), (3, 1)], 16, 3, 64, dtype=torch.bfloat16, seed=5)
     out = backend.attention(case.query, case.cache, case.batch, case.scale)

@@ -142,6 +142,25 @@ def test_write_kv_from_a_fused_projection(cpu_kernels: str, tokens: int) -> None
     assert bool((cache.view(2, -1, 2, 64)[:, untouched] == 7.0).all())
 
 
+def test_native_bf16_write_rounds_as_torch_does(lib) -> None:
+    """Round to nearest even, ties included; infinities, NaN and subnormals kept."""
+    backend = CpuBackend()
+    (cache,) = backend.allocate_kv_cache(KVCacheSpec(1, 1, 64, 4, torch.bfloat16), 4)
+    key = torch.randn(5, 1, 64) * torch.logspace(-40, 38, 64)
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C000, 0x00008000], dtype=torch.int32)
+    key[0, 0, :4] = bits.view(torch.float32)  # ties to even (down, up), above a tie, subnormal
+    key[1, 0, :3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    value = -key
+    assert attention._native_layout(cache, key, value)
+    slots = torch.tensor([3, 0, 9, 15, 6])
+    backend.write_kv(key, value, cache, slots)
+    for got, want in zip(backend.read_kv(cache, slots), (key, value), strict=True):
+        want = want.to(torch.bfloat16)
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def test_native_write_kv_ignores_slots_outside_the_cache(lib) -> None:
     backend = CpuBackend()
     (cache,) = backend.allocate_kv_cache(KVCacheSpec(1, 1, 64, 4, torch.float32), 2)

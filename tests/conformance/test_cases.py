@@ -32,15 +32,16 @@ NARROW = replace(
 
 def test_ids_are_unique_readable_and_filterable() -> None:
     ids = [case.id for case in build_cases(CPU_LIKE)]
-    assert len(ids) == len(set(ids)) == 69
+    assert len(ids) == len(set(ids)) == 71
     assert all(re.fullmatch(r"L[0-5]-[a-z0-9_-]+", case_id) for case_id in ids), ids
     assert "L2-attention-mixed-fp32-bs16-h64-gqa4" in ids
     assert "L2-attention-long-bf16-bs16-h64-gqa2" in ids
     assert "L2-write_kv-fp32-bs16-h64" in ids
+    assert "L2-attention-mixed-fp32-kvbf16-bs16-h64-gqa2" in ids
 
 
 def test_levels_run_from_l0_up_to_the_chosen_one() -> None:
-    assert Counter(c.level for c in build_cases(CPU_LIKE, "L2")) == {"L0": 4, "L1": 19, "L2": 34}
+    assert Counter(c.level for c in build_cases(CPU_LIKE, "L2")) == {"L0": 4, "L1": 19, "L2": 36}
     assert {c.level for c in build_cases(CPU_LIKE, "L0")} == {"L0"}
 
 

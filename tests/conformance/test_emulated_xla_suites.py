@@ -39,7 +39,7 @@ NOT_SUPPORTED = {
     "tpu": UNDECLARED | HARDWARE_ONLY | {"L2-attention-mixed-fp32-bs16-h80-gqa2"},  # head 80
     "neuron": UNDECLARED | HARDWARE_ONLY,
 }
-PASSED = {"tpu": 53, "neuron": 53}
+PASSED = {"tpu": 55, "neuron": 55}
 
 
 @pytest.mark.parametrize("device", ["tpu", "neuron"])

@@ -36,7 +36,7 @@ def test_cpu_passes_every_level(suite_runs: SuiteRuns, backend: str) -> None:
     report = run.report
     assert run.ids("passed") == set(run.outcomes()) - STATIC, run.output[-4000:]
     levels = Counter(r["level"] for r in report["results"])
-    assert levels == {"L0": 4, "L1": 19, "L2": 34, "L3": 4, "L4": 4, "L5": 4}
+    assert levels == {"L0": 4, "L1": 19, "L2": 36, "L3": 4, "L4": 4, "L5": 4}
     assert (report["backend"], report["package"], report["api_version"]) == (
         "cpu",
         "crossinfer",
@@ -44,7 +44,7 @@ def test_cpu_passes_every_level(suite_runs: SuiteRuns, backend: str) -> None:
     )
     assert (report["emulated"], report["emulate_requested"], report["seed"]) == (False, False, 0)
     assert report["device"] and report["levels"] == "L0-L5"
-    assert report["summary"] == {"passed": 66, "failed": 0, "crashed": 0, "not-supported": 3}
+    assert report["summary"] == {"passed": 68, "failed": 0, "crashed": 0, "not-supported": 3}
     assert "L2-attention-mixed-fp32-bs16-h64-gqa4" in run.outcomes()
 
 
@@ -53,7 +53,7 @@ def test_attention_ignoring_the_last_token(suite_runs: SuiteRuns, backend: str) 
     run = suite_runs.get(backend)
     _finished(run, expect_failures=True)
     attention = {r["id"] for r in run.report["results"] if r["check"] == "attention"}
-    assert len(attention) == 15 + 23  # L1: 3 dtypes, 6 block sizes, 6 head sizes; L2: 23
+    assert len(attention) == 15 + 25  # L1: 3 dtypes, 6 block sizes, 6 head sizes; L2: 25
     assert run.ids("failed") == attention | L5 | {NATIVE}
     for case_id in attention:
         assert "each is the last token of its sequence" in run.message(case_id), case_id
@@ -93,7 +93,7 @@ def test_probe_that_says_available_without_a_device(suite_runs: SuiteRuns, backe
         "L0-probe-cheap",
         "L1-capabilities",
     }
-    assert len(run.ids("failed")) == 62
+    assert len(run.ids("failed")) == 64
     assert run.message("L0-probe-honest").startswith(
         "probe() says available (devices: faulty-device-0) but the device is not usable: "
         "backend.device() raised RuntimeError: faulty_probe: no device answers"
@@ -122,7 +122,7 @@ def test_a_crashing_kernel_costs_only_its_cases(suite_runs: SuiteRuns, backend: 
     assert run.ids("crashed") == crashed
     static = STATIC - {"L5-static-no-recompile"}  # L0-L2 only
     assert set(run.outcomes()) - crashed - static == run.ids("passed")
-    assert run.report["levels"] == "L0-L2" and len(run.outcomes()) == 57
+    assert run.report["levels"] == "L0-L2" and len(run.outcomes()) == 59
     for case_id in crashed:
         assert run.message(case_id) == (
             "the worker process died (killed by signal 9, SIGKILL) while running this case; "

@@ -12,9 +12,13 @@ Grouped-query attention folds the query heads that share a KV head into the quer
 Everything that depends only on the batch (which rows go where, the masks) is an
 :class:`AttentionPlan`, built once per step and reused by every layer.
 
-Decode rows of an fp32 cache take a faster path when the native kernel could be built
+Decode rows of an fp32 or bf16 cache take a faster path when the native kernel could be built
 (native.py): it reads keys and values in place through the block table instead of gathering
 them, which is most of the cost of a decode step's attention.
+
+The cache may be narrower than the activations (``--kv-cache-dtype bfloat16`` under an fp32
+model): keys and values are rounded as they are written and widened as they are read; the
+arithmetic stays in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def write_kv(
     lib = native.library()
     native_slots = slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
     if lib is not None and native_slots and _native_layout(kv_cache, key, value):
-        lib.write_kv(
+        write = lib.write_kv_bf16 if kv_cache.dtype == torch.bfloat16 else lib.write_kv
+        write(
             kv_cache.data_ptr(),
             kv_cache.shape[1] * kv_cache.shape[2],
             num_kv_heads * head_size,
@@ -49,6 +54,7 @@ def write_kv(
             torch.get_num_threads(),
         )
         return
+    key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)  # a narrower cache rounds
     kv_cache[0].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, key)
     kv_cache[1].view(-1, num_kv_heads, head_size).index_copy_(0, slot_mapping, value)
 
@@ -166,11 +172,12 @@ def paged_attention(
 
 
 def _native_layout(kv_cache: torch.Tensor, *per_token: torch.Tensor) -> bool:
-    """The native kernels' layout: fp32 throughout, a contiguous cache, and each token's heads
-    contiguous in every ``[tokens, heads, head_size]`` tensor (the token stride may be any)."""
+    """The native kernels' layout: fp32 tokens, a contiguous fp32 or bf16 cache, and each
+    token's heads contiguous in every ``[tokens, heads, head_size]`` tensor (the token stride
+    may be any)."""
     head_size = kv_cache.shape[-1]
     return (
-        kv_cache.dtype == torch.float32
+        kv_cache.dtype in (torch.float32, torch.bfloat16)
         and kv_cache.is_contiguous()
         and all(
             t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == head_size
@@ -193,6 +200,7 @@ def _attend(
     kv = torch.index_select(rows_2d, 0, group.kv_rows).view(
         2, num_seqs, -1, num_kv_heads, head_size
     )
+    kv = kv.to(query.dtype)  # a cache narrower than the activations is widened here
     keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [seqs, kv_heads, ctx, dim]
     # [seqs, max_query, heads, dim] -> [seqs, kv_heads, per_kv * max_query, dim]
     rows = query[group.contiguous] if group.contiguous is not None else query[group.rows]

@@ -3,7 +3,7 @@ compiler, cached, and called through ctypes.
 
 * ``paged_decode.c``: decode attention read in place from the paged cache;
 * ``pointwise.c``: RMSNorm (with the residual add), rotary embedding, SiLU-and-multiply and
-  the KV-cache write, each one pass over memory;
+  the KV-cache write (to an fp32 or a bf16 cache), each one pass over memory;
 * ``quantize.c``: the two ends of an int8 linear layer (activation rows to int8, int32 sums
   back to floats);
 * ``int8_gemm.c``: a whole int8 linear layer on AVX-512 VNNI over a weight packed at load
@@ -42,8 +42,8 @@ _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes
 # name -> (argument types, return type); every kernel takes the thread count last
 _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "paged_decode_attention": (
-        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR]
-        + [_I64, _F32, _INT],
+        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _PTR, _I64]
+        + [_PTR, _I64, _F32, _INT],
         _INT,
     ),
     "rms_norm": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _F32, _INT], None),
@@ -51,6 +51,7 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "rotary": ([_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _INT], None),
     "silu_and_mul": ([_PTR, _PTR, _I64, _I64, _I64, _INT], None),
     "write_kv": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _INT], None),
+    "write_kv_bf16": ([_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _INT], None),
     "quantize_rows": ([_PTR, _PTR, _PTR, _I64, _I64, _I64, _INT], None),
     "dequantize_sums": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _INT], None),
     "int8_gemm_available": ([], _INT),
@@ -135,7 +136,7 @@ def paged_decode_attention(
     """``out[rows]`` = attention of ``query[rows]`` (one token per sequence) over the cache.
 
     out, query: [tokens, heads, head_size] fp32 with contiguous rows; rows: int64 [seqs];
-    kv_cache: [2, blocks, block_size, kv_heads, head_size] fp32, contiguous;
+    kv_cache: [2, blocks, block_size, kv_heads, head_size] fp32 or bf16, contiguous;
     block_table: int32 [seqs, blocks], rows contiguous; seq_lens: int32 [seqs].
     """
     lib = library()
@@ -148,6 +149,7 @@ def paged_decode_attention(
         query.stride(0),
         rows.data_ptr(),
         kv_cache.data_ptr(),
+        int(kv_cache.dtype == torch.bfloat16),
         num_blocks,
         block_size,
         num_kv_heads,

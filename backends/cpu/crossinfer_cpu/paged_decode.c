@@ -1,4 +1,4 @@
-/* Decode attention read in place from the paged KV cache (fp32), for the CPU backend.
+/* Decode attention read in place from the paged KV cache (fp32 or bf16), for the CPU backend.
  *
  * One query token per sequence. The cache of one layer is
  * [2, num_blocks, block_size, num_kv_heads, head_size], contiguous: keys, then values.
@@ -7,7 +7,8 @@
  * the block table token by token (all KV heads of a token lie together), softmax-ed in fp32,
  * and the values are summed with those weights. Keys and values are read once each, where
  * they lie; the PyTorch path gathers them into a dense copy first, which triples the memory
- * traffic.
+ * traffic. A bf16 cache (--kv-cache-dtype bfloat16) halves what is read; each element is
+ * widened to fp32 as it is loaded (bf16 is the top half of an fp32), the arithmetic is fp32.
  *
  * Built at run time by native.py (-O3 -ffast-math -march=native -fopenmp) and linked against
  * the OpenMP runtime torch has already loaded, so both share one thread pool.
@@ -15,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct problem {
     float *out;
@@ -22,7 +24,7 @@ struct problem {
     const float *query;
     int64_t query_row_stride;
     const int64_t *rows;
-    const float *keys, *values;
+    const char *keys, *values; /* fp32 or bf16 elements */
     int64_t block_size, num_kv_heads, group;
     const int32_t *block_table;
     int64_t block_table_stride;
@@ -30,12 +32,22 @@ struct problem {
     float scale;
 };
 
-/* KV heads [h0, h1) of sequence s. Inlined with a constant head_size for the common sizes, so
- * the compiler unrolls the head dimension. */
+static inline float widen(const char *base, int64_t i, const int bf16)
+{
+    if (!bf16) return ((const float *)base)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* KV heads [h0, h1) of sequence s. Inlined with a constant head_size for the common sizes and
+ * a constant element type, so the compiler unrolls and vectorises the head dimension. */
 static inline __attribute__((always_inline)) void attend(
     const struct problem *p, int64_t s, int64_t h0, int64_t h1, const int64_t head_size,
-    float *restrict scores, float *restrict acc, float *restrict total)
+    const int bf16, float *restrict scores, float *restrict acc, float *restrict total)
 {
+    const int64_t esize = bf16 ? 2 : 4;
     const int64_t group = p->group, len = p->seq_lens[s], block_size = p->block_size;
     const int64_t rows_per_task = (h1 - h0) * group; /* query heads of this task */
     const int64_t token_stride = p->num_kv_heads * head_size;
@@ -47,14 +59,15 @@ static inline __attribute__((always_inline)) void attend(
     /* scores[r][t] = scale * q_r . k_t, r = query head of the task, t = token */
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
-        const float *restrict k = p->keys + table[start / block_size] * block_stride + head_offset;
-        for (int64_t i = 0; i < n; i++, k += token_stride) {
+        const char *restrict k =
+            p->keys + (table[start / block_size] * block_stride + head_offset) * esize;
+        for (int64_t i = 0; i < n; i++, k += token_stride * esize) {
             for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
-                const float *restrict kh = k + h * head_size;
+                const char *restrict kh = k + h * head_size * esize;
                 for (int64_t g = 0; g < group; g++, r++) {
                     const float *restrict qr = q + r * head_size;
                     float dot = 0.0f;
-                    for (int64_t d = 0; d < head_size; d++) dot += qr[d] * kh[d];
+                    for (int64_t d = 0; d < head_size; d++) dot += qr[d] * widen(kh, d, bf16);
                     scores[r * len + start + i] = dot * p->scale;
                 }
             }
@@ -76,15 +89,15 @@ static inline __attribute__((always_inline)) void attend(
     for (int64_t i = 0; i < rows_per_task * head_size; i++) acc[i] = 0.0f;
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
-        const float *restrict v = p->values + table[start / block_size] * block_stride
-                                  + head_offset;
-        for (int64_t i = 0; i < n; i++, v += token_stride) {
+        const char *restrict v =
+            p->values + (table[start / block_size] * block_stride + head_offset) * esize;
+        for (int64_t i = 0; i < n; i++, v += token_stride * esize) {
             for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
-                const float *restrict vh = v + h * head_size;
+                const char *restrict vh = v + h * head_size * esize;
                 for (int64_t g = 0; g < group; g++, r++) {
                     const float w = scores[r * len + start + i];
                     float *restrict a = acc + r * head_size;
-                    for (int64_t d = 0; d < head_size; d++) a[d] += w * vh[d];
+                    for (int64_t d = 0; d < head_size; d++) a[d] += w * widen(vh, d, bf16);
                 }
             }
         }
@@ -100,14 +113,17 @@ int paged_decode_attention(
     float *out, int64_t out_row_stride,            /* [rows, num_heads * head_size] */
     const float *query, int64_t query_row_stride,  /* [rows, num_heads * head_size] */
     const int64_t *rows,                           /* [num_seqs] query/out row per sequence */
-    const float *cache, int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
-    int64_t head_size, int64_t num_heads,
+    const void *cache, int cache_bf16, /* fp32 elements, or bf16 when cache_bf16 */
+    int64_t num_blocks, int64_t block_size, int64_t num_kv_heads, int64_t head_size,
+    int64_t num_heads,
     const int32_t *block_table, int64_t block_table_stride, /* [num_seqs, >= blocks used] */
     const int32_t *seq_lens, int64_t num_seqs, float scale, int num_threads)
 {
     const int64_t group = num_heads / num_kv_heads;
-    const float *values = cache + num_blocks * block_size * num_kv_heads * head_size;
-    const struct problem p = {out, out_row_stride, query, query_row_stride, rows, cache, values,
+    const int64_t esize = cache_bf16 ? 2 : 4;
+    const char *keys = cache;
+    const char *values = keys + num_blocks * block_size * num_kv_heads * head_size * esize;
+    const struct problem p = {out, out_row_stride, query, query_row_stride, rows, keys, values,
                               block_size, num_kv_heads, group, block_table, block_table_stride,
                               seq_lens, scale};
     /* Whole sequences when there are enough to share out; else one KV head per task. */
@@ -133,10 +149,18 @@ int paged_decode_attention(
             if (failed) continue;
             const int64_t s = task / tasks_per_seq;
             const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
-            switch (head_size) {
-            case 64: attend(&p, s, h0, h1, 64, scores, acc, total); break;
-            case 128: attend(&p, s, h0, h1, 128, scores, acc, total); break;
-            default: attend(&p, s, h0, h1, head_size, scores, acc, total); break;
+            if (cache_bf16) {
+                switch (head_size) {
+                case 64: attend(&p, s, h0, h1, 64, 1, scores, acc, total); break;
+                case 128: attend(&p, s, h0, h1, 128, 1, scores, acc, total); break;
+                default: attend(&p, s, h0, h1, head_size, 1, scores, acc, total); break;
+                }
+            } else {
+                switch (head_size) {
+                case 64: attend(&p, s, h0, h1, 64, 0, scores, acc, total); break;
+                case 128: attend(&p, s, h0, h1, 128, 0, scores, acc, total); break;
+                default: attend(&p, s, h0, h1, head_size, 0, scores, acc, total); break;
+                }
             }
         }
         free(scores);

@@ -116,3 +116,31 @@ void write_kv(float *cache, int64_t num_slots, int64_t token_numel, const float 
         memcpy(values + slot * token_numel, value + t * value_stride, bytes);
     }
 }
+
+/* fp32 -> bf16 rounded to nearest even, as torch's .to(torch.bfloat16); a NaN stays a NaN. */
+static inline uint16_t to_bf16(float f)
+{
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* write_kv into a bf16 cache: fp32 keys and values rounded as they are stored. */
+void write_kv_bf16(uint16_t *cache, int64_t num_slots, int64_t token_numel, const float *key,
+                   int64_t key_stride, const float *value, int64_t value_stride,
+                   const int64_t *slots, int64_t tokens, int num_threads)
+{
+    uint16_t *keys = cache, *values = cache + num_slots * token_numel;
+#pragma omp parallel for num_threads(threads_for(2 * tokens * token_numel, num_threads)) \
+    schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const int64_t slot = slots[t];
+        if (slot < 0 || slot >= num_slots) continue;
+        uint16_t *restrict k = keys + slot * token_numel, *restrict v = values + slot * token_numel;
+        const float *restrict kt = key + t * key_stride, *restrict vt = value + t * value_stride;
+        for (int64_t i = 0; i < token_numel; i++) k[i] = to_bf16(kt[i]);
+        for (int64_t i = 0; i < token_numel; i++) v[i] = to_bf16(vt[i]);
+    }
+}

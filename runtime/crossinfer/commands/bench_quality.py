@@ -1,5 +1,6 @@
-"""``crossinfer bench quality``: what a quantisation costs in accuracy, against the unquantised
-model on the same prompts and weights.
+"""``crossinfer bench quality``: what a quantisation (``--quantization``) or a narrower KV cache
+(``--kv-cache-dtype``) costs in accuracy, against the plain model on the same prompts and
+weights.
 
 Two measures over chat prompts of ordinary text (``PROMPTS``), greedy:
 
@@ -98,14 +99,18 @@ def run(args: argparse.Namespace) -> int:
     from crossinfer.llm import LLM
 
     config = engine_config_from_args(args)
-    if config.quantization is None:
+    changes = [config.quantization] if config.quantization else []
+    if config.kv_cache_dtype != "auto":
+        changes.append(f"KV cache {config.kv_cache_dtype}")
+    if not changes:
         raise SystemExit(
-            "bench quality compares a quantisation with the model: pass --quantization"
+            "bench quality compares a quantisation (--quantization) or a KV-cache dtype "
+            "(--kv-cache-dtype) with the plain model: pass one"
         )
-    reference = LLM(**asdict(replace(config, quantization=None)))
-    quantized = LLM(**asdict(config))
+    reference = LLM(**asdict(replace(config, quantization=None, kv_cache_dtype="auto")))
+    candidate = LLM(**asdict(config))
     prompts = list(PROMPTS[: args.num_prompts])
-    quality = measure(reference, quantized, config.quantization, prompts, args.output_len)
+    quality = measure(reference, candidate, " + ".join(changes), prompts, args.output_len)
     dtype = str(reference.engine.parts.loaded.dtype).removeprefix("torch.")
     print(
         f"{quality.method} against {dtype} on {quality.num_prompts} "

@@ -36,6 +36,13 @@ DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
+KV_CACHE_DTYPES = {
+    **DTYPES,
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+"""--kv-cache-dtype's names besides auto (vLLM's, and the --dtype names)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,10 @@ class EngineConfig:
     """Who starts ranks 1 .. N-1: "mp" (spawned processes) or "ray" (Ray actors)."""
     quantization: str | None = None
     """A method of the backend's ``Capabilities.quantizations`` (e.g. "int8"), or None."""
+    kv_cache_dtype: str = "auto"
+    """auto: the model's dtype; else a name of :data:`KV_CACHE_DTYPES` the backend lists in
+    ``Capabilities.kv_cache_dtypes`` (e.g. bfloat16 under an fp32 model: half the cache
+    bytes, twice the blocks, keys and values rounded to bf16)."""
     load_format: str = "auto"
     """auto: read the weights from ``model``; dummy: random weights from a config alone
     (``model`` is a folder with a config.json, or a built-in shape; loader/dummy.py)."""
@@ -126,6 +137,7 @@ def load_model(config: EngineConfig, backend: Backend | None = None) -> LoadedMo
     tensor-parallel size above 1 this process is rank 0 and the other ranks start here."""
     backend = backend or resolve_device(config.device)
     check_quantization(config.quantization, backend)
+    check_kv_cache_dtype(config.kv_cache_dtype, backend)
     launched = launched_ranks()  # torchrun (or another env:// launcher) started the ranks
     if launched is not None:
         config = for_launch(config, launched[1])
@@ -203,6 +215,25 @@ def check_quantization(method: str | None, backend: Backend) -> None:
         )
 
 
+def check_kv_cache_dtype(name: str, backend: Backend) -> torch.dtype | None:
+    """The dtype ``--kv-cache-dtype name`` asks for (None for auto: the model's), refused
+    before anything is loaded when the name is unknown or the backend does not list it."""
+    if name == "auto":
+        return None
+    if name not in KV_CACHE_DTYPES:
+        known = ", ".join(["auto", *KV_CACHE_DTYPES])
+        raise ValueError(f"--kv-cache-dtype {name}: unknown (choose from {known})")
+    dtype = KV_CACHE_DTYPES[name]
+    offered = backend.capabilities().kv_cache_dtypes
+    if dtype not in offered:
+        has = ", ".join(str(d).removeprefix("torch.") for d in offered)
+        raise ValueError(
+            f"--kv-cache-dtype {name}: the {backend.name} backend cannot store its KV cache "
+            f"in {str(dtype).removeprefix('torch.')} (it supports: {has})"
+        )
+    return dtype
+
+
 def check_parallel(size: int, backend: Backend, hf_config: PretrainedConfig) -> None:
     """Refuse, before anything is loaded, a tensor-parallel size this model or backend
     cannot take."""
@@ -244,7 +275,8 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         )
     args = loaded.model.args
     kv_heads = loaded.model.num_local_kv_heads  # this rank's share
-    spec = KVCacheSpec(args.num_layers, kv_heads, args.head_dim, block_size, loaded.dtype)
+    kv_dtype = check_kv_cache_dtype(config.kv_cache_dtype, backend) or loaded.dtype
+    spec = KVCacheSpec(args.num_layers, kv_heads, args.head_dim, block_size, kv_dtype)
     limits = EngineLimits(
         config.max_num_batched_tokens, config.max_num_seqs, max_model_len, block_size
     )
@@ -259,7 +291,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         )
     kv_caches = backend.allocate_kv_cache(spec, num_blocks)
     logger.info(
-        "backend %s (%s), model %s, dtype %s, KV cache %d blocks x %d tokens (%.1f MiB)",
+        "backend %s (%s), model %s, dtype %s, KV cache %d blocks x %d tokens (%.1f MiB, %s)",
         backend.name,
         ", ".join(backend.probe().devices),
         loaded.model_files.path,
@@ -267,6 +299,7 @@ def build_engine_parts(config: EngineConfig, loaded: LoadedModel | None = None) 
         num_blocks,
         block_size,
         num_blocks * spec.bytes_per_block / 2**20,
+        str(kv_dtype).removeprefix("torch."),
     )
     if not 0 <= config.max_logprobs <= args.vocab_size:
         raise ValueError(
