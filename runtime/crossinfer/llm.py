@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from crossinfer.engine.errors import RequestFailedError
@@ -14,6 +14,9 @@ from crossinfer.lora.request import LoRARequest
 from crossinfer.sampling_params import SamplingParams
 
 Prompt = str | Sequence[int]
+PromptInput = Prompt | Mapping[str, Any]
+"""What ``generate`` takes per prompt: a Prompt, or vLLM's ``{"prompt": text}`` /
+``{"prompt_token_ids": ids}``."""
 Message = dict[str, Any]
 
 
@@ -46,7 +49,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
@@ -107,11 +110,32 @@ class LLM:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text or token ids) or many, as a list of prompts."""
-    if isinstance(prompts, str):
-        return [prompts]
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[Prompt]:
+    """One prompt or many, as a list of prompts: text, token ids, or vLLM's prompt dicts
+    (``{"prompt": text}``, ``{"prompt_token_ids": ids}``)."""
+    if isinstance(prompts, str | Mapping):
+        return [_one_prompt(prompts)]
     items = list(prompts)
     if items and all(isinstance(p, int) for p in items):
         return [[int(p) for p in items]]  # type: ignore[arg-type]
-    return items  # type: ignore[return-value]
+    return [_one_prompt(p) for p in items]
+
+
+def _one_prompt(prompt: object) -> Prompt:
+    if isinstance(prompt, Mapping):
+        keys = set(prompt)
+        if keys == {"prompt_token_ids"}:
+            return [int(t) for t in prompt["prompt_token_ids"]]
+        if keys == {"prompt"} and isinstance(prompt["prompt"], str):
+            return prompt["prompt"]
+        raise ValueError(
+            f"a prompt dict takes exactly one of 'prompt' (text) or 'prompt_token_ids', not "
+            f"{sorted(keys)}"
+        )
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        return prompt
+    raise TypeError(
+        f"a prompt is text, a list of token ids or a prompt dict, not {type(prompt).__name__}"
+    )

@@ -95,3 +95,25 @@ def test_chat_uses_the_template(llm: LLM) -> None:
         llm.apply_chat_template([{"role": "user", "content": "Say hello."}])
     )
     assert out.outputs[0].text
+
+
+def test_vllm_prompt_dicts_are_prompts(llm: LLM) -> None:
+    """vLLM's TextPrompt / TokensPrompt shapes give what text and token ids give; a dict of
+    another shape is refused by name."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=4)
+    ids = llm.tokenizer.encode("The capital of France is")
+    by_ids, by_text = llm.generate([ids, "The capital of France is"], greedy)
+    dicts = llm.generate(
+        [{"prompt_token_ids": ids}, {"prompt": "The capital of France is"}], greedy
+    )
+    assert [o.outputs[0].token_ids for o in dicts] == [
+        by_ids.outputs[0].token_ids,
+        by_text.outputs[0].token_ids,
+    ]
+    (single,) = llm.generate({"prompt_token_ids": ids}, greedy)
+    assert single.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    with pytest.raises(ValueError, match="exactly one of 'prompt'"):
+        llm.generate([{"prompt": "x", "multi_modal_data": {}}], greedy)
+    with pytest.raises(TypeError, match="a prompt is text, a list of token ids"):
+        llm.generate([3.5], greedy)  # type: ignore[list-item]
+    assert _all_free(llm)
