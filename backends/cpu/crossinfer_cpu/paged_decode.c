@@ -41,6 +41,52 @@ static inline float widen(const char *base, int64_t i, const int bf16)
     return f;
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define REGISTER_VALUES 1
+#define MAX_CHUNKS 8 /* head sizes up to 128 */
+
+/* 16 elements from element i of an fp32 or bf16 row, as fp32. */
+static inline __m512 load16(const char *base, int64_t i, const int bf16)
+{
+    if (!bf16) return _mm512_loadu_ps((const float *)base + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* acc[g] = sum_t scores[g][t] * v_t for the G query rows of one KV head, the G x head_size / 16
+ * accumulators in registers over all the tokens and each value row loaded once for the G
+ * rows. Summing into acc in memory token by token instead was most of the kernel's time
+ * (one store per FMA; measured by ablation, benchmarks/RESULTS.md). values: this KV head's
+ * first element in the cache; G * head_size / 16 <= 16. */
+static inline __attribute__((always_inline)) void value_rows(
+    const struct problem *p, const int32_t *table, int64_t len, const char *values,
+    const float *scores, float *acc, const int64_t head_size, const int bf16, const int G)
+{
+    const int64_t esize = bf16 ? 2 : 4, block_size = p->block_size, chunks = head_size / 16;
+    const int64_t token_bytes = p->num_kv_heads * head_size * esize;
+    __m512 a[4][MAX_CHUNKS];
+    for (int g = 0; g < G; g++)
+        for (int64_t c = 0; c < chunks; c++) a[g][c] = _mm512_setzero_ps();
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const char *v = values + table[start / block_size] * block_size * token_bytes;
+        for (int64_t i = 0; i < n; i++, v += token_bytes) {
+            __m512 vv[MAX_CHUNKS];
+            for (int64_t c = 0; c < chunks; c++) vv[c] = load16(v, 16 * c, bf16);
+            for (int g = 0; g < G; g++) {
+                const __m512 w = _mm512_set1_ps(scores[g * len + start + i]);
+                for (int64_t c = 0; c < chunks; c++) a[g][c] = _mm512_fmadd_ps(w, vv[c], a[g][c]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + g * head_size + 16 * c, a[g][c]);
+}
+#else
+#define REGISTER_VALUES 0
+#endif
+
 /* KV heads [h0, h1) of sequence s. Inlined with a constant head_size for the common sizes and
  * a constant element type, so the compiler unrolls and vectorises the head dimension. */
 static inline __attribute__((always_inline)) void attend(
@@ -86,6 +132,22 @@ static inline __attribute__((always_inline)) void attend(
         total[r] = sum;
     }
     /* acc[r] = sum_t p[r][t] * v_t */
+#if REGISTER_VALUES
+    if (head_size % 16 == 0 && group <= 4 && group * head_size <= 256) {
+        for (int64_t h = 0; h < h1 - h0; h++) {
+            const char *vh = p->values + (head_offset + h * head_size) * esize;
+            const float *sc = scores + h * group * len;
+            float *ah = acc + h * group * head_size;
+            switch (group) {
+            case 1: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 1); break;
+            case 2: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 2); break;
+            case 3: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 3); break;
+            default: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 4); break;
+            }
+        }
+        goto normalise;
+    }
+#endif
     for (int64_t i = 0; i < rows_per_task * head_size; i++) acc[i] = 0.0f;
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
@@ -102,6 +164,9 @@ static inline __attribute__((always_inline)) void attend(
             }
         }
     }
+#if REGISTER_VALUES
+normalise:;
+#endif
     float *restrict o = p->out + p->rows[s] * p->out_row_stride + h0 * group * head_size;
     for (int64_t r = 0; r < rows_per_task; r++) {
         const float inv = 1.0f / total[r];
