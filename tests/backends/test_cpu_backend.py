@@ -38,6 +38,18 @@ def test_paged_attention_matches_dense(
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("group,head_size", [(1, 256), (2, 256), (4, 64), (8, 32)])
+def test_decode_at_the_edges_of_the_register_value_pass(
+    group: int, head_size: int, cpu_kernels: str
+) -> None:
+    """The native value pass keeps up to 16 vectors in registers: shapes at and past that
+    (head size 256 alone, 2 x 256, 4 x 64, 8 query heads a KV head) still match."""
+    backend = CpuBackend()
+    case = paged_case(backend, [(37, 1), (5, 1), (70, 1)], 16, group, head_size, seed=group)
+    out = backend.attention(case.query, case.cache, case.batch, case.scale)
+    assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_many_decode_sequences_match_dense(group: int, cpu_kernels: str) -> None:
     """Enough sequences that the native kernel gives each thread whole sequences."""

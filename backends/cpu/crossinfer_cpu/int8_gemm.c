@@ -3,18 +3,18 @@
  *
  *     out[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n] (+ bias[n])
  *
- * Why a kernel of our own: at decode sizes (a few dozen rows) torch._int_mm runs at 400-570
- * GOPS on the project's 2-core Zen 4 against ~800 on large shapes (it packs the weight again
- * on every call); this kernel, on a weight packed once at load, runs at 680-830 at 32 rows and
- * level with _int_mm on large shapes (int8_gemm.c's numbers in benchmarks/RESULTS.md).
+ * Why a kernel of our own: at decode sizes (32 rows) torch._int_mm runs at 250-480 GOPS on the
+ * project's 2-core Zen 4 against 620-720 on 2048 rows (it packs the weight again on every
+ * call); this kernel, on a weight packed once at load, runs at 540-690 at 32 rows and level
+ * or ahead on 2048 (the table in benchmarks/RESULTS.md, 2026-12-02).
  *
  * VPDPBUSD multiplies 4 unsigned bytes by 4 signed bytes in each of 16 int32 lanes and adds
  * the 4 products to the lane. The weight is the unsigned side, stored as wq + 128 (1 .. 255),
  * and the activations the signed side, 4 bytes of a row broadcast to every lane (the broadcast
  * folds into the instruction's memory operand: measured 1.4x faster than the other way round,
  * where every step needs a separate broadcast). The extra 128 * sum_k xq[m, k] is taken off
- * each row's sums at the end (the row's sum, from quantize_row), so the int32 sums are exactly the
- * signed GEMM's (|partial sums| < 255 * 127 * k: no overflow below k = 66,000).
+ * each row's sums at the end (the row's sum, from quantize_row), so the int32 sums are exactly
+ * the signed GEMM's (|partial sums| < 255 * 127 * k: no overflow below k = 66,000).
  *
  * The packed weight: for each block of 16 output columns, for each 4 consecutive k, one
  * 64-byte row, packed[n / 16][k / 4][16][4]. A register tile is up to MAX_ROWS rows x 4 blocks

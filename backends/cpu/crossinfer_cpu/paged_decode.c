@@ -87,6 +87,52 @@ static inline __attribute__((always_inline)) void value_rows(
 #define REGISTER_VALUES 0
 #endif
 
+/* acc[r] = sum_t scores[r][t] * v_t for the task's query rows r (kv_heads KV heads from
+ * head_offset): in registers (value_rows) where the AVX-512 path takes the shape, else one
+ * row and token at a time through acc. */
+static inline __attribute__((always_inline)) void values_pass(
+    const struct problem *p, const int32_t *table, int64_t len, int64_t kv_heads,
+    int64_t head_offset, const int64_t head_size, const int bf16, const float *restrict scores,
+    float *restrict acc)
+{
+    const int64_t esize = bf16 ? 2 : 4, group = p->group, block_size = p->block_size;
+#if REGISTER_VALUES
+    if (head_size % 16 == 0 && head_size <= 16 * MAX_CHUNKS && group <= 4
+        && group * head_size <= 256) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const char *vh = p->values + (head_offset + h * head_size) * esize;
+            const float *sc = scores + h * group * len;
+            float *ah = acc + h * group * head_size;
+            switch (group) {
+            case 1: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 1); break;
+            case 2: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 2); break;
+            case 3: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 3); break;
+            default: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 4); break;
+            }
+        }
+        return;
+    }
+#endif
+    const int64_t token_stride = p->num_kv_heads * head_size;
+    const int64_t block_stride = block_size * token_stride;
+    for (int64_t i = 0; i < kv_heads * group * head_size; i++) acc[i] = 0.0f;
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const char *restrict v =
+            p->values + (table[start / block_size] * block_stride + head_offset) * esize;
+        for (int64_t i = 0; i < n; i++, v += token_stride * esize) {
+            for (int64_t h = 0, r = 0; h < kv_heads; h++) {
+                const char *restrict vh = v + h * head_size * esize;
+                for (int64_t g = 0; g < group; g++, r++) {
+                    const float w = scores[r * len + start + i];
+                    float *restrict a = acc + r * head_size;
+                    for (int64_t d = 0; d < head_size; d++) a[d] += w * widen(vh, d, bf16);
+                }
+            }
+        }
+    }
+}
+
 /* KV heads [h0, h1) of sequence s. Inlined with a constant head_size for the common sizes and
  * a constant element type, so the compiler unrolls and vectorises the head dimension. */
 static inline __attribute__((always_inline)) void attend(
@@ -131,46 +177,23 @@ static inline __attribute__((always_inline)) void attend(
         }
         total[r] = sum;
     }
-    /* acc[r] = sum_t p[r][t] * v_t */
-#if REGISTER_VALUES
-    if (head_size % 16 == 0 && group <= 4 && group * head_size <= 256) {
-        for (int64_t h = 0; h < h1 - h0; h++) {
-            const char *vh = p->values + (head_offset + h * head_size) * esize;
-            const float *sc = scores + h * group * len;
-            float *ah = acc + h * group * head_size;
-            switch (group) {
-            case 1: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 1); break;
-            case 2: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 2); break;
-            case 3: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 3); break;
-            default: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 4); break;
-            }
-        }
-        goto normalise;
-    }
-#endif
-    for (int64_t i = 0; i < rows_per_task * head_size; i++) acc[i] = 0.0f;
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const char *restrict v =
-            p->values + (table[start / block_size] * block_stride + head_offset) * esize;
-        for (int64_t i = 0; i < n; i++, v += token_stride * esize) {
-            for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
-                const char *restrict vh = v + h * head_size * esize;
-                for (int64_t g = 0; g < group; g++, r++) {
-                    const float w = scores[r * len + start + i];
-                    float *restrict a = acc + r * head_size;
-                    for (int64_t d = 0; d < head_size; d++) a[d] += w * widen(vh, d, bf16);
-                }
-            }
-        }
-    }
-#if REGISTER_VALUES
-normalise:;
-#endif
+    values_pass(p, table, len, h1 - h0, head_offset, head_size, bf16, scores, acc);
     float *restrict o = p->out + p->rows[s] * p->out_row_stride + h0 * group * head_size;
     for (int64_t r = 0; r < rows_per_task; r++) {
         const float inv = 1.0f / total[r];
         for (int64_t d = 0; d < head_size; d++) o[r * head_size + d] = acc[r * head_size + d] * inv;
+    }
+}
+
+/* attend with a constant head size for the common ones (bf16 a constant too). */
+static inline __attribute__((always_inline)) void attend_sized(
+    const struct problem *p, int64_t s, int64_t h0, int64_t h1, int64_t head_size,
+    const int bf16, float *scores, float *acc, float *total)
+{
+    switch (head_size) {
+    case 64: attend(p, s, h0, h1, 64, bf16, scores, acc, total); break;
+    case 128: attend(p, s, h0, h1, 128, bf16, scores, acc, total); break;
+    default: attend(p, s, h0, h1, head_size, bf16, scores, acc, total); break;
     }
 }
 
@@ -214,19 +237,10 @@ int paged_decode_attention(
             if (failed) continue;
             const int64_t s = task / tasks_per_seq;
             const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
-            if (cache_bf16) {
-                switch (head_size) {
-                case 64: attend(&p, s, h0, h1, 64, 1, scores, acc, total); break;
-                case 128: attend(&p, s, h0, h1, 128, 1, scores, acc, total); break;
-                default: attend(&p, s, h0, h1, head_size, 1, scores, acc, total); break;
-                }
-            } else {
-                switch (head_size) {
-                case 64: attend(&p, s, h0, h1, 64, 0, scores, acc, total); break;
-                case 128: attend(&p, s, h0, h1, 128, 0, scores, acc, total); break;
-                default: attend(&p, s, h0, h1, head_size, 0, scores, acc, total); break;
-                }
-            }
+            if (cache_bf16)
+                attend_sized(&p, s, h0, h1, head_size, 1, scores, acc, total);
+            else
+                attend_sized(&p, s, h0, h1, head_size, 0, scores, acc, total);
         }
         free(scores);
         free(acc);
