@@ -10,10 +10,11 @@ import sys
 
 from crossinfer import LLM, SamplingParams
 
+MAX_TOKENS = 24
 SHARED = "The quick brown fox jumps over the lazy dog. " * 4
 PROMPTS = [SHARED + "Once upon a time", SHARED + "In a galaxy far away", "Hello, my name is"]
 # 8 blocks of 16 tokens (30 layers x K and V x 16 x 3 kv heads x 64 x 4 bytes = 720 KiB
-# each) for two running sequences of about 90 tokens: one is preempted.
+# each) for two running sequences of about 70 tokens (5 blocks each): one is preempted.
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4
 LIMITS = {"max_model_len": 256, "max_num_batched_tokens": 128, "max_num_seqs": 2,
           "block_size": 16, "kv_cache_memory": 8 * BLOCK_BYTES}  # fmt: skip
@@ -21,7 +22,7 @@ LIMITS = {"max_model_len": 256, "max_num_batched_tokens": 128, "max_num_seqs": 2
 
 def main(model: str, device: str) -> None:
     llm = LLM(model=model, device=device, dtype="float32", fail_on_recompile=True, **LIMITS)
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params)
     scheduler = llm.engine.scheduler
     print(json.dumps({

@@ -41,6 +41,26 @@ static inline float widen(const char *base, int64_t i, const int bf16)
     return f;
 }
 
+/* Where the block after the one at `start` begins, when it is not the next one in memory (the
+ * hardware prefetcher follows a run of adjacent blocks, not a jump); NULL when it is, or when
+ * the sequence ends first. */
+static inline const char *next_block(const int32_t *table, int64_t start, int64_t block_size,
+                                     int64_t len, const char *base, int64_t block_bytes)
+{
+    const int64_t j = start / block_size;
+    if (start + block_size >= len || table[j + 1] == table[j] + 1) return NULL;
+    return base + table[j + 1] * block_bytes;
+}
+
+/* A jump's block is asked for one block ahead of need, token by token as the current block is
+ * read: bytes [0, span) of token row i of the block at next (NULL: nothing to ask for). */
+static inline void prefetch_token(const char *next, int64_t i, int64_t token_bytes, int64_t span)
+{
+    if (next == NULL) return;
+    const char *row = next + i * token_bytes;
+    for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(row + b, 0, 3);
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define REGISTER_VALUES 1
@@ -71,7 +91,10 @@ static inline __attribute__((always_inline)) void value_rows(
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
         const char *v = values + table[start / block_size] * block_size * token_bytes;
+        const char *next = next_block(table, start, block_size, len, values,
+                                      block_size * token_bytes);
         for (int64_t i = 0; i < n; i++, v += token_bytes) {
+            prefetch_token(next, i, token_bytes, head_size * esize);
             __m512 vv[MAX_CHUNKS];
             for (int64_t c = 0; c < chunks; c++) vv[c] = load16(v, 16 * c, bf16);
             for (int g = 0; g < G; g++) {
@@ -153,7 +176,10 @@ static inline __attribute__((always_inline)) void attend(
         const int64_t n = len - start < block_size ? len - start : block_size;
         const char *restrict k =
             p->keys + (table[start / block_size] * block_stride + head_offset) * esize;
+        const char *next = next_block(table, start, block_size, len,
+                                      p->keys + head_offset * esize, block_stride * esize);
         for (int64_t i = 0; i < n; i++, k += token_stride * esize) {
+            prefetch_token(next, i, token_stride * esize, (h1 - h0) * head_size * esize);
             for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
                 const char *restrict kh = k + h * head_size * esize;
                 for (int64_t g = 0; g < group; g++, r++) {
