@@ -45,7 +45,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint $(XLA_STAMP)
+# The main environment (then lint) and the compat one are built side by side: both installs
+# mostly wait on downloads and disk.
+test:
+	$(MAKE) -j2 lint $(XLA_STAMP)
 	$(BIN)/pytest -q --durations=30
 
 bench: $(STAMP)

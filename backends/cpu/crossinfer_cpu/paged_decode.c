@@ -43,12 +43,16 @@ static inline float widen(const char *base, int64_t i, const int bf16)
 
 /* Where the block after the one at `start` begins, when it is not the next one in memory (the
  * hardware prefetcher follows a run of adjacent blocks, not a jump); NULL when it is, or when
- * the sequence ends first. */
+ * the sequence ends first. A bf16 cache only: measured there (decode blocks interleaved as the
+ * engine allocates them, 487 -> 444 us a layer; shuffled blocks 512 -> 382), while an fp32
+ * cache, twice the prefetches a token, was level in the kernel and no better end to end
+ * (benchmarks/RESULTS.md). */
 static inline const char *next_block(const int32_t *table, int64_t start, int64_t block_size,
-                                     int64_t len, const char *base, int64_t block_bytes)
+                                     int64_t len, const char *base, int64_t block_bytes,
+                                     const int bf16)
 {
     const int64_t j = start / block_size;
-    if (start + block_size >= len || table[j + 1] == table[j] + 1) return NULL;
+    if (!bf16 || start + block_size >= len || table[j + 1] == table[j] + 1) return NULL;
     return base + table[j + 1] * block_bytes;
 }
 
@@ -92,7 +96,7 @@ static inline __attribute__((always_inline)) void value_rows(
         const int64_t n = len - start < block_size ? len - start : block_size;
         const char *v = values + table[start / block_size] * block_size * token_bytes;
         const char *next = next_block(table, start, block_size, len, values,
-                                      block_size * token_bytes);
+                                      block_size * token_bytes, bf16);
         for (int64_t i = 0; i < n; i++, v += token_bytes) {
             prefetch_token(next, i, token_bytes, head_size * esize);
             __m512 vv[MAX_CHUNKS];
@@ -177,7 +181,7 @@ static inline __attribute__((always_inline)) void attend(
         const char *restrict k =
             p->keys + (table[start / block_size] * block_stride + head_offset) * esize;
         const char *next = next_block(table, start, block_size, len,
-                                      p->keys + head_offset * esize, block_stride * esize);
+                                      p->keys + head_offset * esize, block_stride * esize, bf16);
         for (int64_t i = 0; i < n; i++, k += token_stride * esize) {
             prefetch_token(next, i, token_stride * esize, (h1 - h0) * head_size * esize);
             for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
