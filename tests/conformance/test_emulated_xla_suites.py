@@ -83,10 +83,15 @@ def test_embedded_model_greedy_on_emulated_neuron_equals_cpu() -> None:
         )
     }  # fmt: skip
     runs = {}
-    for device, process in running.items():
-        stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-4000:]
-        runs[device] = json.loads(stdout.splitlines()[-1])
+    try:
+        for device, process in running.items():
+            stdout, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-4000:]
+            runs[device] = json.loads(stdout.splitlines()[-1])
+    finally:  # a failure in one leaves no process behind
+        for process in running.values():
+            process.kill()
+            process.wait()
     cpu, neuron = runs["cpu"], runs["neuron"]
     assert neuron["tokens"] == cpu["tokens"]
     assert all(len(t) == MAX_TOKENS for t in cpu["tokens"])
