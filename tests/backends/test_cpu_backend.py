@@ -38,14 +38,24 @@ def test_paged_attention_matches_dense(
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("group,head_size", [(1, 256), (2, 256), (4, 64), (8, 32)])
-def test_decode_at_the_edges_of_the_register_value_pass(
-    group: int, head_size: int, cpu_kernels: str
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "group,head_size,block_size",
+    [(1, 256, 16), (2, 256, 16), (4, 64, 8), (8, 32, 16), (5, 128, 128), (6, 48, 16), (8, 64, 1)],
+)
+def test_decode_at_the_edges_of_the_tiled_kernel(
+    group: int, head_size: int, block_size: int, kv_dtype: torch.dtype, cpu_kernels: str
 ) -> None:
-    """The native value pass keeps up to 16 vectors in registers: shapes at and past that
-    (head size 256 alone, 2 x 256, 4 x 64, 8 query heads a KV head) still match."""
+    """The native kernel walks a sequence in tiles of 16 tokens, up to 4 query rows of a KV
+    head at a time (as many as keep 16 vectors of value sums in registers), and takes head
+    sizes up to 128: contexts at and around tile edges, query heads split into several row
+    sets (5 x 128 into 2 + 2 + 1, 6 x 48 into 4 + 2, 8 x 64 into 4 + 4), head size 256 (the
+    two-pass loop) and bf16 keys (widened once a tile for several rows) still match."""
     backend = CpuBackend()
-    case = paged_case(backend, [(37, 1), (5, 1), (70, 1)], 16, group, head_size, seed=group)
+    shapes = [(15, 1), (16, 1), (31, 1), (0, 1), (299, 1)]
+    case = paged_case(
+        backend, shapes, block_size, group, head_size, seed=group, kv_dtype=kv_dtype
+    )
     out = backend.attention(case.query, case.cache, case.batch, case.scale)
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 

@@ -3,12 +3,19 @@
  * One query token per sequence. The cache of one layer is
  * [2, num_blocks, block_size, num_kv_heads, head_size], contiguous: keys, then values.
  * A task is a sequence (or one KV head of it, when there are too few sequences to keep every
- * thread busy): its query heads are scored against every key of the sequence, read through
- * the block table token by token (all KV heads of a token lie together), softmax-ed in fp32,
- * and the values are summed with those weights. Keys and values are read once each, where
- * they lie; the PyTorch path gathers them into a dense copy first, which triples the memory
- * traffic. A bf16 cache (--kv-cache-dtype bfloat16) halves what is read; each element is
- * widened to fp32 as it is loaded (bf16 is the top half of an fp32), the arithmetic is fp32.
+ * thread busy). Keys and values are read once each, where they lie, through the block table;
+ * the PyTorch path gathers them into a dense copy first, which triples the memory traffic. A
+ * bf16 cache (--kv-cache-dtype bfloat16) halves what is read; each element is widened to fp32
+ * as it is loaded (bf16 is the top half of an fp32), the arithmetic is fp32.
+ *
+ * With AVX-512 (head sizes that are a multiple of 16, up to 128) the query heads of a KV head
+ * walk the sequence in tiles of 16 tokens, keys and values of a tile together, with a running
+ * (online) softmax: the 16 scores of a query row come out of one tree of shuffles (sum16)
+ * instead of a horizontal sum per dot product, the exponentials are taken 16 at a time, the
+ * value sums stay in registers over the whole sequence, and the next tile's keys and values
+ * are prefetched while this one is computed (the blocks of a sequence lie anywhere in the
+ * cache, so the hardware prefetcher alone loses the stream at every block boundary).
+ * Elsewhere a plain two-pass loop (scores, softmax, weighted values) does the same sums.
  *
  * Built at run time by native.py (-O3 -ffast-math -march=native -fopenmp) and linked against
  * the OpenMP runtime torch has already loaded, so both share one thread pool.
@@ -41,34 +48,62 @@ static inline float widen(const char *base, int64_t i, const int bf16)
     return f;
 }
 
-/* Where the block after the one at `start` begins, when it is not the next one in memory (the
- * hardware prefetcher follows a run of adjacent blocks, not a jump); NULL when it is, or when
- * the sequence ends first. A bf16 cache only: measured there (decode blocks interleaved as the
- * engine allocates them, 487 -> 444 us a layer; shuffled blocks 512 -> 382), while an fp32
- * cache, twice the prefetches a token, was level in the kernel and no better end to end
- * (benchmarks/RESULTS.md). */
-static inline const char *next_block(const int32_t *table, int64_t start, int64_t block_size,
-                                     int64_t len, const char *base, int64_t block_bytes,
-                                     const int bf16)
+/* Query rows r of KV heads [h0, h1) of sequence s in two passes: scores[r][t] for every
+ * token, their softmax, then the weighted sum of the values. Any head size and element type. */
+static void attend_two_pass(const struct problem *p, int64_t s, int64_t h0, int64_t h1,
+                            int64_t head_size, const int bf16, float *restrict scores,
+                            float *restrict acc)
 {
-    const int64_t j = start / block_size;
-    if (!bf16 || start + block_size >= len || table[j + 1] == table[j] + 1) return NULL;
-    return base + table[j + 1] * block_bytes;
+    const int64_t esize = bf16 ? 2 : 4;
+    const int64_t group = p->group, len = p->seq_lens[s], block_size = p->block_size;
+    const int64_t rows = (h1 - h0) * group;
+    const int64_t token_stride = p->num_kv_heads * head_size;
+    const int32_t *table = p->block_table + s * p->block_table_stride;
+    const float *restrict q = p->query + p->rows[s] * p->query_row_stride + h0 * group * head_size;
+    for (int64_t t = 0; t < len; t++) {
+        const int64_t token = table[t / block_size] * block_size + t % block_size;
+        const char *k = p->keys + (token * token_stride + h0 * head_size) * esize;
+        for (int64_t r = 0; r < rows; r++) {
+            const char *kh = k + (r / group) * head_size * esize;
+            float dot = 0.0f;
+            for (int64_t d = 0; d < head_size; d++) dot += q[r * head_size + d] * widen(kh, d, bf16);
+            scores[r * len + t] = dot * p->scale;
+        }
+    }
+    for (int64_t i = 0; i < rows * head_size; i++) acc[i] = 0.0f;
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict row = scores + r * len;
+        float top = row[0], sum = 0.0f;
+        for (int64_t t = 1; t < len; t++) top = row[t] > top ? row[t] : top;
+        for (int64_t t = 0; t < len; t++) sum += row[t] = expf(row[t] - top);
+        for (int64_t t = 0; t < len; t++) row[t] /= sum;
+    }
+    for (int64_t t = 0; t < len; t++) {
+        const int64_t token = table[t / block_size] * block_size + t % block_size;
+        const char *v = p->values + (token * token_stride + h0 * head_size) * esize;
+        for (int64_t r = 0; r < rows; r++) {
+            const char *vh = v + (r / group) * head_size * esize;
+            const float w = scores[r * len + t];
+            for (int64_t d = 0; d < head_size; d++) acc[r * head_size + d] += w * widen(vh, d, bf16);
+        }
+    }
+    float *restrict o = p->out + p->rows[s] * p->out_row_stride + h0 * group * head_size;
+    for (int64_t i = 0; i < rows * head_size; i++) o[i] = acc[i];
 }
 
-/* A jump's block is asked for one block ahead of need, token by token as the current block is
- * read: bytes [0, span) of token row i of the block at next (NULL: nothing to ask for). */
-static inline void prefetch_token(const char *next, int64_t i, int64_t token_bytes, int64_t span)
-{
-    if (next == NULL) return;
-    const char *row = next + i * token_bytes;
-    for (int64_t b = 0; b < span; b += 64) __builtin_prefetch(row + b, 0, 3);
-}
+/* The running state of one query row: its value sums, the largest score so far (the sums
+ * and the total are scaled by exp(-top)) and the total of the weights. */
+struct row_state {
+    float *sums; /* head_size floats, 64-byte aligned */
+    float top, total;
+};
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define REGISTER_VALUES 1
-#define MAX_CHUNKS 8 /* head sizes up to 128 */
+#define TILE 16       /* tokens a tile: one score per lane */
+#define MAX_CHUNKS 8  /* 16-float chunks of a head: head sizes up to 128 */
+#define MAX_VECTORS 16 /* value sums kept in registers: rows x chunks */
+#define NO_SCORE -1e30f /* below every real score; finite (-ffast-math assumes no infinities) */
 
 /* 16 elements from element i of an fp32 or bf16 row, as fp32. */
 static inline __m512 load16(const char *base, int64_t i, const int bf16)
@@ -78,152 +113,215 @@ static inline __m512 load16(const char *base, int64_t i, const int bf16)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* acc[g] = sum_t scores[g][t] * v_t for the G query rows of one KV head, the G x head_size / 16
- * accumulators in registers over all the tokens and each value row loaded once for the G
- * rows. Summing into acc in memory token by token instead was most of the kernel's time
- * (one store per FMA; measured by ablation, benchmarks/RESULTS.md). values: this KV head's
- * first element in the cache; G * head_size / 16 <= 16. */
-static inline __attribute__((always_inline)) void value_rows(
-    const struct problem *p, const int32_t *table, int64_t len, const char *values,
-    const float *scores, float *acc, const int64_t head_size, const int bf16, const int G)
+/* exp(x) for x <= 0: x = n ln2 + f with |f| <= ln2 / 2 (ln2 in two parts, so f is exact to
+ * float precision), e^f by its Taylor series to f^6 (relative error below 2e-7), times 2^n. */
+static inline __m512 exp16(__m512 x)
 {
-    const int64_t esize = bf16 ? 2 : 4, block_size = p->block_size, chunks = head_size / 16;
-    const int64_t token_bytes = p->num_kv_heads * head_size * esize;
-    __m512 a[4][MAX_CHUNKS];
-    for (int g = 0; g < G; g++)
-        for (int64_t c = 0; c < chunks; c++) a[g][c] = _mm512_setzero_ps();
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const char *v = values + table[start / block_size] * block_size * token_bytes;
-        const char *next = next_block(table, start, block_size, len, values,
-                                      block_size * token_bytes, bf16);
-        for (int64_t i = 0; i < n; i++, v += token_bytes) {
-            prefetch_token(next, i, token_bytes, head_size * esize);
-            __m512 vv[MAX_CHUNKS];
-            for (int64_t c = 0; c < chunks; c++) vv[c] = load16(v, 16 * c, bf16);
-            for (int g = 0; g < G; g++) {
-                const __m512 w = _mm512_set1_ps(scores[g * len + start + i]);
-                for (int64_t c = 0; c < chunks; c++) a[g][c] = _mm512_fmadd_ps(w, vv[c], a[g][c]);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f)); /* e^-87 ~ 1.6e-38, still a normal float */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+    __m512 e = _mm512_set1_ps(1.0f / 720);
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f / 120));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f / 24));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f / 6));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(0.5f));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(e, n);
+}
+
+/* The horizontal sums of 16 vectors, in two steps so that only 4 of them are live at a time:
+ * quarter() folds vectors 4j .. 4j + 3 into u[j] (128-bit lane L, element i: the sum over
+ * lane L of vector 4j + i), finish() adds the lanes, giving lane t = the sum of vector t. 45
+ * instructions for 16 dot products, where a horizontal sum each takes about 8. */
+static inline __m512 quarter(const __m512 w[4])
+{
+    const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+    const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+    return _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+static inline __m512 finish(const __m512 u[4])
+{
+    const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Byte offsets in the cache of tokens [start, start + n) of a sequence (block sizes are powers
+ * of two), from the start of the keys (the same offsets from the start of the values). */
+static inline void token_offsets(int64_t *offsets, const int32_t *table, int64_t start,
+                                 int64_t n, int shift, int64_t token_bytes)
+{
+    const int64_t mask = ((int64_t)1 << shift) - 1;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = start + i;
+        offsets[i] = ((((int64_t)table[t >> shift]) << shift) + (t & mask)) * token_bytes;
+    }
+}
+
+static inline void prefetch_tokens(const char *keys, const char *values, const int64_t *offsets,
+                                   int64_t n, int64_t span)
+{
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t b = 0; b < span; b += 64) {
+            __builtin_prefetch(keys + offsets[i] + b, 0, 3);
+            __builtin_prefetch(values + offsets[i] + b, 0, 3);
+        }
+}
+
+/* One tile of n tokens (byte offsets `at` from keys / values, this KV head's first element)
+ * for R query rows of one KV head, q: R rows head_size apart. */
+static inline __attribute__((always_inline)) void tile_step(
+    const struct problem *p, const char *keys, const char *values, const int64_t *at,
+    int64_t n, const float *q, struct row_state *state, const int64_t head_size,
+    const int bf16, const int R)
+{
+    const int64_t chunks = head_size / 16;
+    const __mmask16 valid = (__mmask16)((1u << n) - 1);
+    float weights[4][TILE], rescale[4];
+    /* bf16 keys are widened once a tile when more than one row reads them */
+    float widened[TILE * 16 * MAX_CHUNKS] __attribute__((aligned(64)));
+    int64_t local[TILE];
+    const int kbf16 = bf16 && R == 1;
+    const char *kbase = keys;
+    const int64_t *kat = at;
+    if (bf16 && R > 1) {
+        for (int64_t i = 0; i < n; i++) {
+            for (int64_t c = 0; c < chunks; c++)
+                _mm512_store_ps(widened + i * head_size + 16 * c, load16(keys + at[i], 16 * c, 1));
+            local[i] = i * head_size * 4;
+        }
+        kbase = (const char *)widened;
+        kat = local;
+    }
+    for (int r = 0; r < R; r++) {
+        __m512 qr[MAX_CHUNKS], u[4]; /* the query row stays in registers over the tile */
+        for (int64_t c = 0; c < chunks; c++) qr[c] = _mm512_loadu_ps(q + r * head_size + 16 * c);
+        for (int j = 0; j < 4; j++) {
+            __m512 part[4];
+            for (int t = 0; t < 4; t++) {
+                part[t] = _mm512_setzero_ps();
+                if (4 * j + t < n) {
+                    const char *k = kbase + kat[4 * j + t];
+                    for (int64_t c = 0; c < chunks; c++)
+                        part[t] = _mm512_fmadd_ps(qr[c], load16(k, 16 * c, kbf16), part[t]);
+                }
             }
+            u[j] = quarter(part);
+        }
+        const __m512 scores = _mm512_mask_mov_ps(
+            _mm512_set1_ps(NO_SCORE), valid, _mm512_mul_ps(finish(u), _mm512_set1_ps(p->scale)));
+        struct row_state *st = state + r;
+        const float top = fmaxf(st->top, _mm512_reduce_max_ps(scores));
+        rescale[r] = st->top == top ? 1.0f : expf(st->top - top);
+        const __m512 w =
+            _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(top))));
+        st->total = st->total * rescale[r] + _mm512_reduce_add_ps(w);
+        st->top = top;
+        _mm512_storeu_ps(weights[r], w);
+    }
+    __m512 acc[4][MAX_CHUNKS];
+    for (int r = 0; r < R; r++)
+        for (int64_t c = 0; c < chunks; c++)
+            acc[r][c] = _mm512_mul_ps(_mm512_load_ps(state[r].sums + 16 * c),
+                                      _mm512_set1_ps(rescale[r]));
+    for (int64_t i = 0; i < n; i++) {
+        const char *v = values + at[i];
+        __m512 vv[MAX_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) vv[c] = load16(v, 16 * c, bf16);
+        for (int r = 0; r < R; r++) {
+            const __m512 w = _mm512_set1_ps(weights[r][i]);
+            for (int64_t c = 0; c < chunks; c++) acc[r][c] = _mm512_fmadd_ps(w, vv[c], acc[r][c]);
         }
     }
-    for (int g = 0; g < G; g++)
-        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + g * head_size + 16 * c, a[g][c]);
+    for (int r = 0; r < R; r++)
+        for (int64_t c = 0; c < chunks; c++) _mm512_store_ps(state[r].sums + 16 * c, acc[r][c]);
 }
+
+/* KV heads [h0, h1) of sequence s: tile by tile, every head's query rows on each tile (R at a
+ * time, as many as keep their value sums in registers), so a tile's keys and values are read
+ * as whole token rows while the next tile's are prefetched. state: a row_state per query row
+ * of the task. */
+static inline __attribute__((always_inline)) void attend_tiles(
+    const struct problem *p, int64_t s, int64_t h0, int64_t h1, const int64_t head_size,
+    const int bf16, struct row_state *state)
+{
+    const int64_t esize = bf16 ? 2 : 4, group = p->group, len = p->seq_lens[s];
+    const int64_t token_bytes = p->num_kv_heads * head_size * esize;
+    const int64_t head_bytes = head_size * esize, rows = (h1 - h0) * group;
+    const int shift = __builtin_ctzll((unsigned long long)p->block_size);
+    const int32_t *table = p->block_table + s * p->block_table_stride;
+    const int64_t most = MAX_VECTORS / (head_size / 16);
+    const int64_t per_pass = group < most ? group : most > 4 ? 4 : most;
+    const float *q = p->query + p->rows[s] * p->query_row_stride + h0 * group * head_size;
+    const char *keys = p->keys + h0 * head_bytes, *values = p->values + h0 * head_bytes;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t d = 0; d < head_size; d++) state[r].sums[d] = 0.0f;
+        state[r].top = NO_SCORE, state[r].total = 0.0f;
+    }
+    int64_t here[TILE], ahead[TILE];
+    token_offsets(here, table, 0, len < TILE ? len : TILE, shift, token_bytes);
+    for (int64_t start = 0; start < len; start += TILE) {
+        const int64_t n = len - start < TILE ? len - start : TILE;
+        const int64_t next = start + TILE, n_next = len - next < TILE ? len - next : TILE;
+        if (n_next > 0) {
+            token_offsets(ahead, table, next, n_next, shift, token_bytes);
+            prefetch_tokens(keys, values, ahead, n_next, (h1 - h0) * head_bytes);
+        }
+        for (int64_t h = 0; h < h1 - h0; h++)
+            for (int64_t r0 = 0; r0 < group; r0 += per_pass) {
+                const int64_t row = h * group + r0;
+                const int64_t R = group - r0 < per_pass ? group - r0 : per_pass;
+#define STEP(R)                                                                              \
+    tile_step(p, keys + h * head_bytes, values + h * head_bytes, here, n,                   \
+              q + row * head_size, state + row, head_size, bf16, R)
+                switch (R) {
+                case 4: STEP(4); break;
+                case 3: STEP(3); break;
+                case 2: STEP(2); break;
+                default: STEP(1); break;
+                }
+#undef STEP
+            }
+        memcpy(here, ahead, sizeof here);
+    }
+    float *o = p->out + p->rows[s] * p->out_row_stride + h0 * group * head_size;
+    for (int64_t r = 0; r < rows; r++) {
+        const float inv = 1.0f / state[r].total;
+        for (int64_t d = 0; d < head_size; d++) o[r * head_size + d] = state[r].sums[d] * inv;
+    }
+}
+#define TILED(head_size) ((head_size) % 16 == 0 && (head_size) <= 16 * MAX_CHUNKS)
 #else
-#define REGISTER_VALUES 0
+#define TILED(head_size) 0
+static inline void attend_tiles(const struct problem *p, int64_t s, int64_t h0, int64_t h1,
+                                const int64_t head_size, const int bf16, struct row_state *state)
+{
+    (void)p, (void)s, (void)h0, (void)h1, (void)head_size, (void)bf16, (void)state;
+}
 #endif
 
-/* acc[r] = sum_t scores[r][t] * v_t for the task's query rows r (kv_heads KV heads from
- * head_offset): in registers (value_rows) where the AVX-512 path takes the shape, else one
- * row and token at a time through acc. */
-static inline __attribute__((always_inline)) void values_pass(
-    const struct problem *p, const int32_t *table, int64_t len, int64_t kv_heads,
-    int64_t head_offset, const int64_t head_size, const int bf16, const float *restrict scores,
-    float *restrict acc)
+/* One task, with a constant head size for the common ones and a constant element type, so
+ * the compiler unrolls the head dimension. */
+static inline __attribute__((always_inline)) void attend(
+    const struct problem *p, int64_t s, int64_t h0, int64_t h1, int64_t head_size,
+    const int bf16, float *scores, float *acc, struct row_state *state)
 {
-    const int64_t esize = bf16 ? 2 : 4, group = p->group, block_size = p->block_size;
-#if REGISTER_VALUES
-    if (head_size % 16 == 0 && head_size <= 16 * MAX_CHUNKS && group <= 4
-        && group * head_size <= 256) {
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const char *vh = p->values + (head_offset + h * head_size) * esize;
-            const float *sc = scores + h * group * len;
-            float *ah = acc + h * group * head_size;
-            switch (group) {
-            case 1: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 1); break;
-            case 2: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 2); break;
-            case 3: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 3); break;
-            default: value_rows(p, table, len, vh, sc, ah, head_size, bf16, 4); break;
-            }
-        }
+    if (state == NULL) {
+        attend_two_pass(p, s, h0, h1, head_size, bf16, scores, acc);
         return;
     }
-#endif
-    const int64_t token_stride = p->num_kv_heads * head_size;
-    const int64_t block_stride = block_size * token_stride;
-    for (int64_t i = 0; i < kv_heads * group * head_size; i++) acc[i] = 0.0f;
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const char *restrict v =
-            p->values + (table[start / block_size] * block_stride + head_offset) * esize;
-        for (int64_t i = 0; i < n; i++, v += token_stride * esize) {
-            for (int64_t h = 0, r = 0; h < kv_heads; h++) {
-                const char *restrict vh = v + h * head_size * esize;
-                for (int64_t g = 0; g < group; g++, r++) {
-                    const float w = scores[r * len + start + i];
-                    float *restrict a = acc + r * head_size;
-                    for (int64_t d = 0; d < head_size; d++) a[d] += w * widen(vh, d, bf16);
-                }
-            }
-        }
-    }
-}
-
-/* KV heads [h0, h1) of sequence s. Inlined with a constant head_size for the common sizes and
- * a constant element type, so the compiler unrolls and vectorises the head dimension. */
-static inline __attribute__((always_inline)) void attend(
-    const struct problem *p, int64_t s, int64_t h0, int64_t h1, const int64_t head_size,
-    const int bf16, float *restrict scores, float *restrict acc, float *restrict total)
-{
-    const int64_t esize = bf16 ? 2 : 4;
-    const int64_t group = p->group, len = p->seq_lens[s], block_size = p->block_size;
-    const int64_t rows_per_task = (h1 - h0) * group; /* query heads of this task */
-    const int64_t token_stride = p->num_kv_heads * head_size;
-    const int64_t block_stride = block_size * token_stride;
-    const int32_t *table = p->block_table + s * p->block_table_stride;
-    const float *restrict q = p->query + p->rows[s] * p->query_row_stride + h0 * group * head_size;
-    const int64_t head_offset = h0 * head_size;
-
-    /* scores[r][t] = scale * q_r . k_t, r = query head of the task, t = token */
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const char *restrict k =
-            p->keys + (table[start / block_size] * block_stride + head_offset) * esize;
-        const char *next = next_block(table, start, block_size, len,
-                                      p->keys + head_offset * esize, block_stride * esize, bf16);
-        for (int64_t i = 0; i < n; i++, k += token_stride * esize) {
-            prefetch_token(next, i, token_stride * esize, (h1 - h0) * head_size * esize);
-            for (int64_t h = 0, r = 0; h < h1 - h0; h++) {
-                const char *restrict kh = k + h * head_size * esize;
-                for (int64_t g = 0; g < group; g++, r++) {
-                    const float *restrict qr = q + r * head_size;
-                    float dot = 0.0f;
-                    for (int64_t d = 0; d < head_size; d++) dot += qr[d] * widen(kh, d, bf16);
-                    scores[r * len + start + i] = dot * p->scale;
-                }
-            }
-        }
-    }
-    /* softmax in place; the normaliser is applied at the end */
-    for (int64_t r = 0; r < rows_per_task; r++) {
-        float *restrict row = scores + r * len;
-        float top = row[0];
-        for (int64_t t = 1; t < len; t++) top = row[t] > top ? row[t] : top;
-        float sum = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            row[t] = expf(row[t] - top);
-            sum += row[t];
-        }
-        total[r] = sum;
-    }
-    values_pass(p, table, len, h1 - h0, head_offset, head_size, bf16, scores, acc);
-    float *restrict o = p->out + p->rows[s] * p->out_row_stride + h0 * group * head_size;
-    for (int64_t r = 0; r < rows_per_task; r++) {
-        const float inv = 1.0f / total[r];
-        for (int64_t d = 0; d < head_size; d++) o[r * head_size + d] = acc[r * head_size + d] * inv;
-    }
-}
-
-/* attend with a constant head size for the common ones (bf16 a constant too). */
-static inline __attribute__((always_inline)) void attend_sized(
-    const struct problem *p, int64_t s, int64_t h0, int64_t h1, int64_t head_size,
-    const int bf16, float *scores, float *acc, float *total)
-{
     switch (head_size) {
-    case 64: attend(p, s, h0, h1, 64, bf16, scores, acc, total); break;
-    case 128: attend(p, s, h0, h1, 128, bf16, scores, acc, total); break;
-    default: attend(p, s, h0, h1, head_size, bf16, scores, acc, total); break;
+    case 64: attend_tiles(p, s, h0, h1, 64, bf16, state); break;
+    case 128: attend_tiles(p, s, h0, h1, 128, bf16, state); break;
+    default: attend_tiles(p, s, h0, h1, head_size, bf16, state); break;
     }
 }
 
@@ -247,6 +345,7 @@ int paged_decode_attention(
     /* Whole sequences when there are enough to share out; else one KV head per task. */
     const int64_t heads_per_task = num_seqs >= 4 * num_threads ? num_kv_heads : 1;
     const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
+    const int tiled = TILED(head_size) && (block_size & (block_size - 1)) == 0;
     int64_t max_len = 1;
     for (int64_t s = 0; s < num_seqs; s++)
         if (seq_lens[s] > max_len) max_len = seq_lens[s];
@@ -254,13 +353,16 @@ int paged_decode_attention(
 
 #pragma omp parallel num_threads(num_threads)
     {
+        /* scratch: the tiled path's row states, or the two-pass loop's scores and sums */
         const int64_t task_rows = heads_per_task * group;
-        float *scores = malloc(sizeof(float) * task_rows * max_len);
-        float *acc = malloc(sizeof(float) * task_rows * head_size);
-        float *total = malloc(sizeof(float) * task_rows);
-        if (scores == NULL || acc == NULL || total == NULL) {
+        float *sums = aligned_alloc(64, sizeof(float) * task_rows * ((head_size + 15) / 16 * 16));
+        float *scores = tiled ? NULL : malloc(sizeof(float) * task_rows * max_len);
+        struct row_state *state = tiled ? malloc(sizeof(struct row_state) * task_rows) : NULL;
+        if (sums == NULL || (tiled ? state == NULL : scores == NULL)) {
 #pragma omp atomic write
             failed = 1;
+        } else if (tiled) {
+            for (int64_t r = 0; r < task_rows; r++) state[r].sums = sums + r * head_size;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < num_seqs * tasks_per_seq; task++) {
@@ -268,13 +370,13 @@ int paged_decode_attention(
             const int64_t s = task / tasks_per_seq;
             const int64_t h0 = (task % tasks_per_seq) * heads_per_task, h1 = h0 + heads_per_task;
             if (cache_bf16)
-                attend_sized(&p, s, h0, h1, head_size, 1, scores, acc, total);
+                attend(&p, s, h0, h1, head_size, 1, scores, sums, state);
             else
-                attend_sized(&p, s, h0, h1, head_size, 0, scores, acc, total);
+                attend(&p, s, h0, h1, head_size, 0, scores, sums, state);
         }
+        free(sums);
         free(scores);
-        free(acc);
-        free(total);
+        free(state);
     }
     return failed ? -1 : 0;
 }
