@@ -53,9 +53,7 @@ def test_decode_at_the_edges_of_the_tiled_kernel(
     two-pass loop) and bf16 keys (widened once a tile for several rows) still match."""
     backend = CpuBackend()
     shapes = [(15, 1), (16, 1), (31, 1), (0, 1), (299, 1)]
-    case = paged_case(
-        backend, shapes, block_size, group, head_size, seed=group, kv_dtype=kv_dtype
-    )
+    case = paged_case(backend, shapes, block_size, group, head_size, seed=group, kv_dtype=kv_dtype)
     out = backend.attention(case.query, case.cache, case.batch, case.scale)
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 

@@ -103,6 +103,24 @@ def test_the_native_ends_give_the_torch_path_exactly() -> None:
     assert torch.allclose(fast(strided), reference(strided), rtol=1e-6, atol=1e-6)
 
 
+def test_native_and_torch_quantisation_give_the_same_ints_at_every_half() -> None:
+    """quantize.c and quantize_rows round the same products: over 8M Gaussian activations
+    (where about 7 land within an ulp of a half) not one int differs."""
+    from crossinfer_cpu import native
+
+    lib = native.library()
+    if lib is None:
+        pytest.skip(f"native kernels unavailable: {native.why_unavailable()}")
+    torch.manual_seed(316)
+    rows, cols = 2000, 4096
+    x = torch.randn(rows, cols)
+    want, want_scale = quantize_rows(x)
+    got, got_scale = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
+    lib.quantize_rows(got.data_ptr(), got_scale.data_ptr(), x.data_ptr(), cols, rows, cols, 2)
+    assert int((got != want).sum()) == 0
+    assert torch.allclose(got_scale, want_scale.flatten(), rtol=1e-6, atol=0)
+
+
 def _vnni_library():
     from crossinfer_cpu import native
 
@@ -147,3 +165,40 @@ def test_the_packed_layer_takes_strided_and_bf16_rows_and_gives_its_weight_back(
     assert torch.equal(layer.dequantized_weight(), reference.dequantized_weight())
     odd = Int8Linear(nn.Linear(64, 40), lib)  # 40 columns do not tile by 16: _int_mm's layout
     assert not odd.packed and odd(strided).shape == (5, 40)
+
+
+@pytest.fixture
+def amx_library():
+    """The native library with its int8 layers on AMX; VNNI again afterwards only if that is
+    how it was (the library is the process's)."""
+    lib = _vnni_library()
+    if not lib.int8_amx_enable(1):
+        pytest.skip("this CPU (or kernel) gives no AMX tiles")
+    yield lib
+    lib.int8_amx_enable(1)
+
+
+# rows: below the AMX threshold (8), partial tiles of 16 and blocks of 32, and more than one
+# chunk of rows (k = 4096: 256 rows a chunk); out_features: an odd number of 16-column blocks
+@pytest.mark.parametrize(
+    "rows,in_features", [(7, 64), (8, 64), (17, 192), (33, 576), (100, 128), (300, 4096)]
+)
+@pytest.mark.parametrize("out_features", [16, 48, 96])
+def test_the_amx_kernel_is_the_signed_integer_gemm(
+    rows: int, in_features: int, out_features: int, amx_library
+) -> None:
+    torch.manual_seed(rows + out_features)
+    plain = nn.Linear(in_features, out_features)
+    layer = Int8Linear(plain, amx_library)
+    assert layer.packed
+    assert amx_library.int8_amx_wants(rows, in_features) == (rows >= 8)
+    x = torch.randn(rows, in_features)  # every 64 inputs (one tile of k) count alike
+    wq, w_scale = quantize_per_channel(plain.weight)
+    xq, x_scale = quantize_rows(x)
+    exact = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double()
+    exact += plain.bias.double()
+    got = layer(x)
+    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-5)
+    amx_library.int8_amx_enable(0)  # the same layer on the VNNI loop
+    assert not amx_library.int8_amx_wants(rows, in_features)
+    assert torch.allclose(got, layer(x), rtol=1e-6, atol=1e-6)

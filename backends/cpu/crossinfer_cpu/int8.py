@@ -15,6 +15,8 @@ Three paths, one chosen per layer at load (the weight is stored in that path's l
   3.3 against 7.7 ms; 2048 rows: 729 against 809 ms); end to end, 32 x 128/128 at 450 against
   311 tok/s (benchmarks/RESULTS.md). ``_int_mm`` repacks its weight on every call, which is
   most of its time at decode sizes.
+  On a CPU with AMX, calls of 8 rows or more (in_features % 64 == 0) run on AMX tiles
+  (``int8_amx.c``) over the same packed weight: the path is the C side's choice per call.
 * native ends around ``torch._int_mm`` (quantize.c), for other shapes or CPUs without VNNI;
 * torch alone, with the same arithmetic: ``x * (127 / absmax)`` rounded half to even.
 
@@ -50,7 +52,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[m, k]`` float -> (int8 ``[m, k]``, fp32 scales ``[m, 1]``), one scale per row."""
     x = x.float()
     amax = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-    q = torch.round(x * (QMAX / amax)).clamp_(-QMAX, QMAX).to(torch.int8)
+    # QMAX / amax as one division (``QMAX / tensor`` is a reciprocal, then a product: two
+    # roundings, and now and then an int one away from quantize.c's at a half)
+    inverse = torch.full_like(amax, QMAX).div_(amax)
+    q = torch.round(x * inverse).clamp_(-QMAX, QMAX).to(torch.int8)
     return q, amax / QMAX
 
 

@@ -21,7 +21,8 @@
  * (16 accumulators) over the whole k.
  *
  * The activations are quantised per row inside the same call (quantize.c's quantize_row, in
- * the same parallel region): one call from Python a layer.
+ * the same parallel region): one call from Python a layer. On a CPU with AMX, calls of enough
+ * rows go to int8_amx.c, which reads the same packed weight.
  *
  * Built at run time by native.py with the other kernels. Without AVX-512 VNNI at compile time
  * int8_gemm_available() returns 0 and int8.py uses torch._int_mm.
@@ -105,6 +106,10 @@ static void panel(float *out, int64_t out_stride, const int8_t *x, int64_t k,
 }
 
 float quantize_row(int8_t *q, const float *x, int64_t cols, int32_t *sum); /* quantize.c */
+int int8_amx_wants(int64_t rows, int64_t k);                              /* int8_amx.c */
+int int8_amx_linear(float *out, const float *x, int64_t x_stride, int64_t rows,
+                    const uint8_t *w, const float *w_scale, const float *bias, int64_t n,
+                    int64_t k, int num_threads);
 
 /* out = the layer on x: out [rows, n] fp32 contiguous; x [rows, k] fp32, rows strided by
  * x_stride; w: packed [n / 16][k / 4][16][4] uint8 (wq + 128); w_scale, bias: [n] (bias may
@@ -115,6 +120,8 @@ float quantize_row(int8_t *q, const float *x, int64_t cols, int32_t *sum); /* qu
 int int8_linear(float *out, const float *x, int64_t x_stride, int64_t rows, const uint8_t *w,
                 const float *w_scale, const float *bias, int64_t n, int64_t k, int num_threads)
 {
+    if (int8_amx_wants(rows, k))
+        return int8_amx_linear(out, x, x_stride, rows, w, w_scale, bias, n, k, num_threads);
     int8_t *xq = malloc((size_t)(rows * k));
     float *x_scale = malloc(sizeof(float) * (size_t)rows);
     int32_t *row_sums = malloc(sizeof(int32_t) * (size_t)rows);

@@ -7,7 +7,9 @@ compiler, cached, and called through ctypes.
 * ``quantize.c``: the two ends of an int8 linear layer (activation rows to int8, int32 sums
   back to floats);
 * ``int8_gemm.c``: a whole int8 linear layer on AVX-512 VNNI over a weight packed at load
-  (the rows quantised, the GEMM, the scales and bias applied in its last step).
+  (the rows quantised, the GEMM, the scales and bias applied in its last step);
+* ``int8_amx.c``: the same layer on AMX tiles, over the same packed weight, for calls of 16
+  rows or more on a CPU that has AMX (``CROSSINFER_CPU_AMX=0`` keeps them on VNNI).
 
 Plain C, not a torch C++ extension: no torch headers to compile against, so it builds in
 about a second. It is linked against the OpenMP runtime torch already loaded (same soname),
@@ -35,7 +37,8 @@ from pathlib import Path
 import torch
 
 NATIVE_ENV = "CROSSINFER_CPU_NATIVE"
-_SOURCES = ("paged_decode.c", "pointwise.c", "quantize.c", "int8_gemm.c")
+AMX_ENV = "CROSSINFER_CPU_AMX"  # 0: the int8 layers keep to AVX-512 VNNI on an AMX CPU
+_SOURCES = ("paged_decode.c", "pointwise.c", "quantize.c", "int8_gemm.c", "int8_amx.c")
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -56,6 +59,8 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "dequantize_sums": ([_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _INT], None),
     "int8_gemm_available": ([], _INT),
     "int8_linear": ([_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _INT], _INT),
+    "int8_amx_enable": ([_INT], _INT),
+    "int8_amx_wants": ([_I64, _I64], _INT),
 }
 
 
@@ -89,6 +94,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for name, (argtypes, restype) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, restype
+    lib.int8_amx_enable(int(os.environ.get(AMX_ENV, "1") != "0"))
     return lib, None
 
 
