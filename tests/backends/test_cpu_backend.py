@@ -58,6 +58,26 @@ def test_decode_at_the_edges_of_the_tiled_kernel(
     assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "group,head_size,block_size", [(1, 64, 16), (3, 64, 1), (8, 128, 32), (2, 256, 128), (5, 48, 8)]
+)
+def test_prefill_at_the_edges_of_the_native_kernel(
+    group: int, head_size: int, block_size: int, kv_dtype: torch.dtype, cpu_kernels: str
+) -> None:
+    """The native prefill kernel takes 16 query tokens a task and keys in tiles of 16:
+    prompts at and around those edges, a chunk after a long cached context, a single new
+    token among prefills, 8 rows of scores at a time (group 5: 80 rows a task), head sizes
+    up to 256, bf16 keys and values."""
+    backend = CpuBackend()
+    shapes = [(0, 16), (0, 17), (5, 33), (300, 40), (0, 2), (31, 1)]
+    case = paged_case(
+        backend, shapes, block_size, group, head_size, seed=head_size + group, kv_dtype=kv_dtype
+    )
+    out = backend.attention(case.query, case.cache, case.batch, case.scale)
+    assert torch.allclose(out.double(), case.expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_many_decode_sequences_match_dense(group: int, cpu_kernels: str) -> None:
     """Enough sequences that the native kernel gives each thread whole sequences."""

@@ -12,9 +12,10 @@ Grouped-query attention folds the query heads that share a KV head into the quer
 Everything that depends only on the batch (which rows go where, the masks) is an
 :class:`AttentionPlan`, built once per step and reused by every layer.
 
-Decode rows of an fp32 or bf16 cache take a faster path when the native kernel could be built
-(native.py): it reads keys and values in place through the block table instead of gathering
-them, which is most of the cost of a decode step's attention.
+Rows of an fp32 or bf16 cache take a faster path when the native kernels could be built
+(native.py): decode rows paged_decode.c, prefill rows (head sizes a multiple of 16 up to 256)
+paged_prefill.c, both reading keys and values in place through the block table instead of
+gathering them; the prefill kernel also skips the causal mask's masked half.
 
 The cache may be narrower than the activations (``--kv-cache-dtype bfloat16`` under an fp32
 model): keys and values are rounded as they are written and widened as they are read; the
@@ -82,14 +83,15 @@ class _Group:
     flat_rows: torch.Tensor  # rows[valid]
     mask: torch.Tensor  # [seqs, 1, group * max_query, ctx] bool, True = may attend
     contiguous: slice | None  # the rows as a slice when they are one unpadded run
-    native: _NativeDecode | None  # a decode group's inputs for the native kernel
+    native: _NativeInputs | None  # the group's inputs for the native kernels
 
 
 @dataclass(frozen=True)
-class _NativeDecode:
-    rows: torch.Tensor  # [seqs] int64: query row of each sequence
+class _NativeInputs:
+    rows: torch.Tensor  # [seqs] int64: first query row of each sequence
     block_table: torch.Tensor  # [seqs, blocks] int32, contiguous
     seq_lens: torch.Tensor  # [seqs] int32
+    query_lens: torch.Tensor  # [seqs] int32
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,12 @@ def _group(
     blocks = block_table.flatten()
     kv_rows = torch.cat((blocks, blocks + num_cache_blocks))
     native_inputs = None
-    if max_query == 1 and native.library() is not None:
-        native_inputs = _NativeDecode(
+    if native.library() is not None:
+        native_inputs = _NativeInputs(
             rows[:, 0].contiguous(),
             block_table.to(torch.int32).contiguous(),
             torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            q_len.to(torch.int32),
         )
     return _Group(kv_rows, rows, valid, rows[valid], mask, contiguous, native_inputs)
 
@@ -161,14 +164,33 @@ def paged_attention(
 ) -> torch.Tensor:
     out = torch.empty_like(query)
     for group in attention_plan.groups:
-        if group.native is not None and _native_layout(kv_cache, query, out):
-            inputs = group.native
+        inputs = group.native
+        if inputs is None or not _native_layout(kv_cache, query, out):
+            _attend(query, kv_cache, group, scale, out)
+        elif group.rows.shape[1] == 1:
             native.paged_decode_attention(
                 out, query, inputs.rows, kv_cache, inputs.block_table, inputs.seq_lens, scale
             )
+        elif _native_prefill_takes(kv_cache):
+            native.paged_prefill_attention(
+                out, query, inputs.rows, inputs.query_lens, kv_cache, inputs.block_table,
+                inputs.seq_lens, scale,
+            )  # fmt: skip
         else:
             _attend(query, kv_cache, group, scale, out)
     return out
+
+
+def _native_prefill_takes(kv_cache: torch.Tensor) -> bool:
+    """paged_prefill.c's shapes: AVX-512, head sizes a multiple of 16 up to 256."""
+    lib = native.library()
+    head_size = kv_cache.shape[-1]
+    return (
+        lib is not None
+        and bool(lib.paged_prefill_available())
+        and head_size % 16 == 0
+        and head_size <= 256
+    )
 
 
 def _native_layout(kv_cache: torch.Tensor, *per_token: torch.Tensor) -> bool:

@@ -2,6 +2,8 @@
 compiler, cached, and called through ctypes.
 
 * ``paged_decode.c``: decode attention read in place from the paged cache;
+* ``paged_prefill.c``: causal prefill attention read in place from the paged cache (both
+  share ``paged.h``);
 * ``pointwise.c``: RMSNorm (with the residual add), rotary embedding, SiLU-and-multiply and
   the KV-cache write (to an fp32 or a bf16 cache), each one pass over memory;
 * ``quantize.c``: the two ends of an int8 linear layer (activation rows to int8, int32 sums
@@ -38,7 +40,10 @@ import torch
 
 NATIVE_ENV = "CROSSINFER_CPU_NATIVE"
 AMX_ENV = "CROSSINFER_CPU_AMX"  # 0: the int8 layers keep to AVX-512 VNNI on an AMX CPU
-_SOURCES = ("paged_decode.c", "pointwise.c", "quantize.c", "int8_gemm.c", "int8_amx.c")
+_HEADERS = ("paged.h",)  # written beside the sources, not compiled on their own
+_SOURCES = (
+    "paged_decode.c", "paged_prefill.c", "pointwise.c", "quantize.c", "int8_gemm.c", "int8_amx.c",
+)  # fmt: skip
 _FLAGS = ("-O3", "-ffast-math", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
 
 _I64, _PTR, _F32, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
@@ -47,6 +52,12 @@ _SIGNATURES: dict[str, tuple[list[type], type | None]] = {
     "paged_decode_attention": (
         [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _PTR, _I64]
         + [_PTR, _I64, _F32, _INT],
+        _INT,
+    ),
+    "paged_prefill_available": ([], _INT),
+    "paged_prefill_attention": (
+        [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _I64, _I64, _PTR]
+        + [_I64, _PTR, _I64, _F32, _INT],
         _INT,
     ),
     "rms_norm": ([_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _F32, _INT], None),
@@ -83,7 +94,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if compiler is None:
         return None, "no C compiler found (install gcc, or set CC)"
     package = resources.files("crossinfer_cpu")
-    sources = {name: package.joinpath(name).read_bytes() for name in _SOURCES}
+    sources = {name: package.joinpath(name).read_bytes() for name in _HEADERS + _SOURCES}
     try:
         lib = ctypes.CDLL(str(_build(compiler, sources)))
     except subprocess.CalledProcessError as exc:
@@ -113,8 +124,9 @@ def _build(compiler: str, sources: dict[str, bytes]) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         paths = []
         for name, text in sources.items():
-            paths.append(Path(tmp) / name)
-            paths[-1].write_bytes(text)
+            (Path(tmp) / name).write_bytes(text)
+            if name.endswith(".c"):
+                paths.append(Path(tmp) / name)
         built = Path(tmp) / library.name
         cmd = [compiler, *_FLAGS, *map(str, paths), "-o", str(built), "-lm"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
@@ -170,3 +182,33 @@ def paged_decode_attention(
     )
     if status != 0:
         raise MemoryError("paged decode attention could not allocate its scratch buffers")
+
+
+def paged_prefill_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    first_rows: torch.Tensor,
+    query_lens: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> None:
+    """Causal attention of each sequence's ``query_lens[s]`` query rows (from row
+    ``first_rows[s]``, the sequence's last tokens) over its cache, into the same rows of
+    ``out``. Layouts as :func:`paged_decode_attention`; first_rows: int64 [seqs], query_lens:
+    int32 [seqs]."""
+    lib = library()
+    assert lib is not None, why_unavailable()
+    _, num_blocks, block_size, num_kv_heads, head_size = kv_cache.shape
+    status = lib.paged_prefill_attention(
+        out.data_ptr(), out.stride(0), query.data_ptr(), query.stride(0), first_rows.data_ptr(),
+        query_lens.data_ptr(), kv_cache.data_ptr(), int(kv_cache.dtype == torch.bfloat16),
+        num_blocks, block_size, num_kv_heads, head_size, query.shape[1], block_table.data_ptr(),
+        block_table.stride(0), seq_lens.data_ptr(), first_rows.shape[0], scale,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status == -1:
+        raise MemoryError("paged prefill attention could not allocate its scratch buffers")
+    if status != 0:
+        raise ValueError(f"paged prefill attention does not take this shape ({status})")

@@ -23,7 +23,7 @@ def build_attention_batch(
     """
     num_seqs = len(query_lens)
     max_blocks = max((len(t) for t in block_tables), default=0) or 1
-    table = torch.zeros((num_seqs, max_blocks), dtype=torch.int32)
+    rows: list[list[int]] = []  # the block table, zero-padded: one tensor built at the end
     slots: list[int] = []
     starts = [0]
     for i, (q_len, s_len, blocks) in enumerate(
@@ -31,7 +31,7 @@ def build_attention_batch(
     ):
         if len(blocks) * block_size < s_len:
             raise ValueError(f"sequence {i}: {len(blocks)} blocks cannot hold {s_len} tokens")
-        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        rows.append([*blocks, *[0] * (max_blocks - len(blocks))])
         slots += [
             blocks[p // block_size] * block_size + p % block_size
             for p in range(s_len - q_len, s_len)
@@ -40,7 +40,7 @@ def build_attention_batch(
     return AttentionBatch(
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(list(seq_lens), dtype=torch.int32, device=device),
-        block_table=table.to(device),
+        block_table=torch.tensor(rows, dtype=torch.int32).view(num_seqs, max_blocks).to(device),
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(seq_lens, default=0),

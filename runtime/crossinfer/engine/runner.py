@@ -214,8 +214,10 @@ class ModelRunner:
             return {}, ()
         rows, owners = self._sampling_rows(chunks)
         keep = list(range(len(chunks)))
+        forked = owners != keep  # rows repeated for forked samples; else the logits as they are
         try:
-            tokens = sample(logits[torch.tensor(owners, device=logits.device)], rows)
+            owned = logits[torch.tensor(owners, device=logits.device)] if forked else logits
+            tokens = sample(owned, rows)
         except SamplingError as exc:
             bad = {owners[r] for r in exc.rows}
             keep = [i for i in keep if i not in bad]
