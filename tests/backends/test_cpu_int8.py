@@ -121,6 +121,15 @@ def test_native_and_torch_quantisation_give_the_same_ints_at_every_half() -> Non
     assert torch.allclose(got_scale, want_scale.flatten(), rtol=1e-6, atol=0)
 
 
+def _integer_gemm(plain: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """What an int8 layer over ``plain`` claims to compute, in float64: the integer GEMM of
+    the quantised rows and weight, scaled, plus the bias."""
+    wq, w_scale = quantize_per_channel(plain.weight)
+    xq, x_scale = quantize_rows(x)
+    exact = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double()
+    return exact + plain.bias.double()
+
+
 def _vnni_library():
     from crossinfer_cpu import native
 
@@ -143,12 +152,8 @@ def test_the_vnni_kernel_is_the_signed_integer_gemm(rows: int, out_features: int
     layer = Int8Linear(plain, lib)
     assert layer.packed
     x = torch.randn(rows, 200) * torch.logspace(-2, 2, 200)
-    wq, w_scale = quantize_per_channel(plain.weight)
-    xq, x_scale = quantize_rows(x)
-    exact = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double()
-    exact += plain.bias.double()
     got = layer(x)
-    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got.double(), _integer_gemm(plain, x), rtol=1e-5, atol=1e-5)
     assert torch.allclose(got, Int8Linear(plain)(x), rtol=1e-6, atol=1e-6)  # the _int_mm path
 
 
@@ -193,12 +198,8 @@ def test_the_amx_kernel_is_the_signed_integer_gemm(
     assert layer.packed
     assert amx_library.int8_amx_wants(rows, in_features) == (rows >= 8)
     x = torch.randn(rows, in_features)  # every 64 inputs (one tile of k) count alike
-    wq, w_scale = quantize_per_channel(plain.weight)
-    xq, x_scale = quantize_rows(x)
-    exact = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double()
-    exact += plain.bias.double()
     got = layer(x)
-    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got.double(), _integer_gemm(plain, x), rtol=1e-5, atol=1e-5)
     amx_library.int8_amx_enable(0)  # the same layer on the VNNI loop
     assert not amx_library.int8_amx_wants(rows, in_features)
     assert torch.allclose(got, layer(x), rtol=1e-6, atol=1e-6)
